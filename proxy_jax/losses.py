@@ -1,0 +1,362 @@
+"""Proxy-based metric-learning losses as pure JAX functions.
+
+Every loss takes arrays positionally and hyper-parameters as keywords, owns no state and
+works under ``jit``, ``grad`` and ``vmap``. Proxies are ordinary parameters passed in as a
+``[num_classes, dim]`` array. Internally the losses compute in float32 (or wider), so they
+are safe for bfloat16 embeddings; the result is a float32 scalar.
+
+Masks make the losses usable with fixed shapes (MemVir's growing memory, padded batches):
+
+* ``proxy_mask`` ``[C]`` bool: a masked-out proxy appears in no denominator and in no
+  average; it is as if that row of ``proxies`` did not exist.
+* ``sample_mask`` ``[B]`` bool: a masked-out sample contributes nothing, and averages run
+  over the valid samples only.
+
+So a call padded with masked rows equals the unpadded call.
+
+Shape and dtype errors are raised as ``ValueError`` at trace time. Label *values* cannot
+be checked inside ``jit``: labels must lie in ``[0, C)``, which the data layer validates
+on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+__all__ = [
+    "l2_normalize",
+    "norm_softmax",
+    "proxy_nca",
+    "proxy_anchor",
+    "hphn_triplet",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+    """Divides ``x`` by its l2 norm along ``axis``: ``x / max(||x||, eps)``.
+
+    The same rule as ``torch.nn.functional.normalize``, which the official code uses.
+
+    Args:
+      x: ``[..., dim]`` array of any float dtype.
+      axis: the axis to normalize.
+      eps: lower bound of the norm, so that a zero vector stays zero.
+
+    Returns:
+      An array of the shape and dtype of ``x``.
+    """
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def _compute_dtype(*arrays: Array):
+    """float32, or wider if an input is wider (float64 under jax_enable_x64)."""
+    dtype = jnp.float32
+    for a in arrays:
+        dtype = jnp.promote_types(dtype, a.dtype)
+    return dtype
+
+
+def _check_embeddings_labels(embeddings, labels, *, name="embeddings") -> None:
+    if jnp.ndim(embeddings) != 2:
+        raise ValueError(f"{name} must be [batch, dim], got shape {jnp.shape(embeddings)}")
+    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
+        raise ValueError(f"{name} must be a float array, got dtype {jnp.result_type(embeddings)}")
+    if jnp.ndim(labels) != 1:
+        raise ValueError(f"labels must be [batch], got shape {jnp.shape(labels)}")
+    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+        raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}")
+    if jnp.shape(labels)[0] != jnp.shape(embeddings)[0]:
+        raise ValueError(
+            f"labels has {jnp.shape(labels)[0]} entries but {name} has "
+            f"{jnp.shape(embeddings)[0]} rows"
+        )
+
+
+def _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask) -> None:
+    _check_embeddings_labels(embeddings, labels)
+    if jnp.ndim(proxies) != 2:
+        raise ValueError(f"proxies must be [num_classes, dim], got shape {jnp.shape(proxies)}")
+    if not jnp.issubdtype(jnp.result_type(proxies), jnp.floating):
+        raise ValueError(f"proxies must be a float array, got dtype {jnp.result_type(proxies)}")
+    if jnp.shape(proxies)[1] != jnp.shape(embeddings)[1]:
+        raise ValueError(
+            f"proxies have dim {jnp.shape(proxies)[1]} but embeddings have dim "
+            f"{jnp.shape(embeddings)[1]}"
+        )
+    for mask, name, size in (
+        (proxy_mask, "proxy_mask", jnp.shape(proxies)[0]),
+        (sample_mask, "sample_mask", jnp.shape(embeddings)[0]),
+    ):
+        if mask is not None and jnp.shape(mask) != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {jnp.shape(mask)}")
+
+
+def _as_mask(mask: Optional[Array], size: int) -> Array:
+    if mask is None:
+        return jnp.ones((size,), bool)
+    return jnp.asarray(mask).astype(bool)
+
+
+def _masked_mean(values: Array, mask: Array) -> Array:
+    """Mean of ``values[mask]``; 0 when no entry is valid."""
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    return total / jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
+
+
+def _softmax_cross_entropy(logits: Array, labels: Array, proxy_mask: Array) -> Array:
+    """Per-row cross-entropy ``[B]`` of ``[B, C]`` logits, masked columns excluded."""
+    logits = jnp.where(proxy_mask[None, :], logits, -jnp.inf)
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=1) - label_logit
+
+
+def _log1p_sum_exp(logits: Array, mask: Array, axis: int) -> Array:
+    """``log(1 + sum(exp(logits[mask])))`` along ``axis``, stable in any precision.
+
+    Computed as a logsumexp with a zero logit appended, as Proxy-Anchor needs: the literal
+    form overflows for alpha=32 in float16/bfloat16.
+    """
+    logits = jnp.where(mask, logits, -jnp.inf)
+    shift = lax.stop_gradient(jnp.maximum(jnp.max(logits, axis=axis), 0.0))
+    total = jnp.sum(jnp.exp(logits - jnp.expand_dims(shift, axis)), axis=axis)
+    return shift + jnp.log(total + jnp.exp(-shift))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def norm_softmax(
+    embeddings: Array,
+    labels: Array,
+    proxies: Array,
+    *,
+    scale: float,
+    proxy_mask: Optional[Array] = None,
+    sample_mask: Optional[Array] = None,
+) -> Array:
+    """Normalized-softmax (Norm-SoftMax) loss.
+
+    ``loss = mean_i CE(scale * x̂_i p̂ᵀ, y_i)`` with row-wise l2-normalized embeddings x̂ and
+    proxies p̂. Reproduces ``Norm_SoftMax`` of the official Proxy Synthesis code
+    (``loss/proxy_losses.py``, navervision/proxy-synthesis) and ``NormSoftmax`` of MemVir.
+    pytorch-metric-learning's ``NormalizedSoftmaxLoss(temperature=t)`` is the same loss with
+    ``scale = 1/t`` and ``proxies = loss_func.W.T``.
+
+    Args:
+      embeddings: ``[B, D]`` float embeddings (normalized here).
+      labels: ``[B]`` int class indices in ``[0, C)``.
+      proxies: ``[C, D]`` float proxies (normalized here).
+      scale: logit scale s (23 in the Cars196 seed command).
+      proxy_mask: optional ``[C]`` bool; False removes a proxy from every softmax.
+      sample_mask: optional ``[B]`` bool; False removes a sample from the mean.
+
+    Returns:
+      The float32 scalar loss.
+
+    Example:
+      >>> loss = norm_softmax(jnp.ones((4, 8)), jnp.arange(4), jnp.eye(6, 8), scale=23.0)
+    """
+    _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask)
+    dtype = _compute_dtype(embeddings, proxies)
+    x = l2_normalize(embeddings.astype(dtype))
+    p = l2_normalize(proxies.astype(dtype))
+    logits = scale * (x @ p.T)
+    per_sample = _softmax_cross_entropy(
+        logits, labels, _as_mask(proxy_mask, proxies.shape[0])
+    )
+    return _masked_mean(per_sample, _as_mask(sample_mask, embeddings.shape[0]))
+
+
+def proxy_nca(
+    embeddings: Array,
+    labels: Array,
+    proxies: Array,
+    *,
+    scale: float,
+    proxy_mask: Optional[Array] = None,
+    sample_mask: Optional[Array] = None,
+) -> Array:
+    """Proxy-NCA loss with the positive proxy kept in the denominator.
+
+    ``d²_ic = ||x̂_i − p̂_c||²``, ``loss = mean_i −log softmax(−scale · d²_i)[y_i]``.
+    Reproduces ``Proxy_NCA`` of the official Proxy Synthesis code and ``ProxyNCA`` of MemVir;
+    equals pytorch-metric-learning's ``ProxyNCALoss(softmax_scale=scale)`` with
+    ``proxies = loss_func.proxies``.
+
+    Args:
+      embeddings: ``[B, D]`` float embeddings (normalized here).
+      labels: ``[B]`` int class indices in ``[0, C)``.
+      proxies: ``[C, D]`` float proxies (normalized here).
+      scale: distance scale s (12 in the Cars196 seed command).
+      proxy_mask: optional ``[C]`` bool; False removes a proxy from every softmax.
+      sample_mask: optional ``[B]`` bool; False removes a sample from the mean.
+
+    Returns:
+      The float32 scalar loss.
+    """
+    _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask)
+    dtype = _compute_dtype(embeddings, proxies)
+    x = l2_normalize(embeddings.astype(dtype))
+    p = l2_normalize(proxies.astype(dtype))
+    sq_dist = (
+        jnp.sum(x * x, axis=1, keepdims=True)
+        + jnp.sum(p * p, axis=1)[None, :]
+        - 2.0 * (x @ p.T)
+    )
+    sq_dist = jnp.maximum(sq_dist, 0.0)
+    per_sample = _softmax_cross_entropy(
+        -scale * sq_dist, labels, _as_mask(proxy_mask, proxies.shape[0])
+    )
+    return _masked_mean(per_sample, _as_mask(sample_mask, embeddings.shape[0]))
+
+
+def proxy_anchor(
+    embeddings: Array,
+    labels: Array,
+    proxies: Array,
+    *,
+    margin: float = 0.1,
+    alpha: float = 32.0,
+    proxy_mask: Optional[Array] = None,
+    sample_mask: Optional[Array] = None,
+) -> Array:
+    """Proxy-Anchor loss (Kim et al., CVPR 2020).
+
+    With ``cos = x̂ p̂ᵀ`` ``[B, C]``::
+
+      pos = 1/|P⁺| Σ_{c ∈ P⁺} log(1 + Σ_{i: y_i = c} exp(−α (cos_ic − δ)))
+      neg = 1/|P|  Σ_{c ∈ P}  log(1 + Σ_{i: y_i ≠ c} exp( α (cos_ic + δ)))
+
+    where P are the (valid) proxies and P⁺ those with a positive sample in the batch.
+    Reproduces ``Proxy_Anchor`` of the official code (``code/losses.py``,
+    tjddus9597/Proxy-Anchor-CVPR2020) and pytorch-metric-learning's
+    ``ProxyAnchorLoss(margin=δ, alpha=α)`` with ``proxies = loss_func.proxies``. The
+    ``log(1 + Σ exp)`` terms are logsumexps with a zero appended, so α=32 cannot overflow in
+    low precision.
+
+    Args:
+      embeddings: ``[B, D]`` float embeddings (normalized here).
+      labels: ``[B]`` int class indices in ``[0, C)``.
+      proxies: ``[C, D]`` float proxies (normalized here).
+      margin: δ.
+      alpha: α.
+      proxy_mask: optional ``[C]`` bool; a False proxy is in neither P⁺ nor P.
+      sample_mask: optional ``[B]`` bool; a False sample enters no sum and does not make
+        its class a member of P⁺.
+
+    Returns:
+      The float32 scalar loss.
+    """
+    _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask)
+    num_classes = proxies.shape[0]
+    dtype = _compute_dtype(embeddings, proxies)
+    x = l2_normalize(embeddings.astype(dtype))
+    p = l2_normalize(proxies.astype(dtype))
+    cos = x @ p.T  # [B, C]
+    pmask = _as_mask(proxy_mask, num_classes)
+    smask = _as_mask(sample_mask, embeddings.shape[0])
+
+    one_hot = labels[:, None] == jnp.arange(num_classes)[None, :]  # [B, C]
+    valid = smask[:, None] & pmask[None, :]
+    pos_mask = one_hot & valid
+    neg_mask = ~one_hot & valid
+
+    pos_per_proxy = _log1p_sum_exp(-alpha * (cos - margin), pos_mask, axis=0)  # [C]
+    neg_per_proxy = _log1p_sum_exp(alpha * (cos + margin), neg_mask, axis=0)  # [C]
+    with_pos = jnp.any(pos_mask, axis=0)
+    return _masked_mean(pos_per_proxy, with_pos) + _masked_mean(neg_per_proxy, pmask)
+
+
+def _pairwise_euclidean(x: Array) -> Array:
+    """``[N, N]`` Euclidean distances, with squared distances clipped to [1e-12, 1e12].
+
+    The clip (and so the 1e-6 floor on the diagonal) is that of the official MXNet
+    ``euclidean_dist`` of Embedding Expansion.
+    """
+    sq = jnp.sum(x * x, axis=1)
+    sq_dist = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    return jnp.sqrt(jnp.clip(sq_dist, 1e-12, 1e12))
+
+
+def hphn_triplet(
+    embeddings: Array,
+    labels: Array,
+    *,
+    margin: float = 0.2,
+    soft_margin: bool = False,
+    num_original: Optional[int] = None,
+    reduction: str = "mean",
+) -> Array:
+    """Triplet loss with the hardest positive and hardest negative per anchor (HPHN).
+
+    Reproduces ``HPHNTripletLoss`` of Embedding Expansion (``loss/hphn_triplet.py``,
+    clovaai/embedding-expansion, MXNet). On Euclidean distances ``d`` of the rows of
+    ``embeddings`` (used as given: normalize them first if you want cosine geometry)::
+
+      d_ap[i] = max_{j: y_j = y_i} d_ij
+      d_an[i] = min_{j: y_j ≠ y_i} d_ij
+      loss_i  = relu(d_ap[i] − d_an[i] + margin)     or softplus(d_ap[i] − d_an[i])
+
+    With ``num_original = B`` the rows are ``G`` groups of ``B`` (the originals first, then
+    the synthetic groups of :func:`proxy_jax.regularizers.embedding_expansion`): the hardest
+    positive of anchor i is taken among the original ``B×B`` block only, and its hardest
+    negative is the minimum of ``d_an`` over rows ``i, B+i, 2B+i, …`` (the anchor and its
+    synthetic counterparts), each taken over all N columns, exactly as the official code.
+
+    Ties: the hardest negative is often tied (every synthetic point occurs twice). The loss
+    value does not depend on the tie; the gradient follows ``jnp.min``/``jnp.max``, which
+    split it evenly among tied entries (MXNet gives every tied entry the full gradient).
+
+    Args:
+      embeddings: ``[N, D]`` float embeddings, ``N = G · num_original`` when grouped.
+      labels: ``[N]`` int labels.
+      margin: the hinge margin m (ignored with ``soft_margin``).
+      soft_margin: use ``log(1 + exp(d_ap − d_an))`` instead of the hinge.
+      num_original: size B of the original batch when synthetic groups follow it.
+      reduction: ``'mean'``, ``'sum'`` (what the official trainer back-propagates) or
+        ``'none'`` (the per-anchor vector ``[B]``).
+
+    Returns:
+      A float32 scalar, or ``[B]`` with ``reduction='none'``.
+    """
+    _check_embeddings_labels(embeddings, labels)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    n = embeddings.shape[0]
+    if num_original is not None:
+        if not isinstance(num_original, int) or num_original < 1 or n % num_original:
+            raise ValueError(
+                f"num_original must be a positive int dividing the {n} rows of embeddings, "
+                f"got {num_original!r}"
+            )
+    b = n if num_original is None else num_original
+
+    x = embeddings.astype(_compute_dtype(embeddings))
+    dist = _pairwise_euclidean(x)
+    is_pos = labels[:, None] == labels[None, :]
+    # Multiplying by the 0/1 masks (rather than masking with +-inf) is the official rule:
+    # a row without a positive gets d_ap = 0, one without a negative gets its row maximum.
+    dist_ap = jnp.max(jnp.where(is_pos, dist, 0.0)[:b, :b], axis=1)
+    row_max = jnp.max(dist, axis=1, keepdims=True)
+    dist_an = jnp.min(jnp.where(is_pos, row_max, dist), axis=1)
+    dist_an = jnp.min(dist_an.reshape(n // b, b), axis=0)
+
+    if soft_margin:
+        per_anchor = jax.nn.softplus(dist_ap - dist_an)
+    else:
+        per_anchor = jax.nn.relu(dist_ap - dist_an + margin)
+    if reduction == "mean":
+        return jnp.mean(per_anchor)
+    if reduction == "sum":
+        return jnp.sum(per_anchor)
+    return per_anchor
