@@ -313,9 +313,13 @@ def hphn_triplet(
     negative is the minimum of ``d_an`` over rows ``i, B+i, 2B+i, …`` (the anchor and its
     synthetic counterparts), each taken over all N columns, exactly as the official code.
 
-    Ties: the hardest negative is often tied (every synthetic point occurs twice). The loss
-    value does not depend on the tie; the gradient follows ``jnp.min``/``jnp.max``, which
-    split it evenly among tied entries (MXNet gives every tied entry the full gradient).
+    Tie rule: the hardest negative is often tied, because every synthetic point occurs
+    twice (row i of group k equals its partner's row of group n+1−k). The loss value does
+    not depend on the tie. The gradient follows ``jnp.min``/``jnp.max``, which split it
+    evenly among tied entries; tied copies are the same function of the inputs, so a
+    duplicated hardest negative counts once. MXNet's min/max backward gives every tied entry
+    the full gradient, so the official gradient counts it twice (tested in
+    ``tests/test_expansion.py``).
 
     Args:
       embeddings: ``[N, D]`` float embeddings, ``N = G · num_original`` when grouped.

@@ -1,0 +1,24 @@
+"""Data layer that PyTorch users recognise.
+
+* datasets: map-style ``ds[i] -> (PIL RGB image, int label)`` readers of the benchmark
+  layouts (:func:`load_benchmark`, :class:`ImageFolder`), tensorflow-datasets sources
+  (:class:`TfdsDataset`), preparation from the official archives (:func:`prepare`) and the
+  embedded default data set (:func:`ensure_embedded_dataset`);
+* samplers: which images form each global batch, deterministic from (seed, epoch);
+* transforms: torchvision's PIL path, pixel for pixel, plus each backbone's normalization;
+* pipeline: :func:`make_loader`, grain worker processes feeding fixed-shape numpy batches
+  with an exactly restorable iterator state.
+"""
+from proxy_jax.data.datasets import (
+    IMG_EXTENSIONS, ClassSubset, CorruptImageError, ImageDataset, ImageFolder, dataset_labels,
+    decode_image_bytes, load_benchmark, load_image, to_rgb, zero_shot_split)
+from proxy_jax.data.embedded import ensure_embedded_dataset
+from proxy_jax.data.pipeline import Loader, make_loader
+from proxy_jax.data.prepare import prepare
+from proxy_jax.data.samplers import (
+    PAD_INDEX, ClassBalancedSampler, DistinctNeighbourSampler, Sampler, ShuffleSampler,
+    distinct_neighbour_order)
+from proxy_jax.data.tfds_sources import TFDS_BENCHMARKS, TfdsDataset
+from proxy_jax.data.transforms import (
+    UNIT_RANGE, CenterCrop, Compose, Normalization, RandomHorizontalFlip, RandomResizedCrop,
+    Resize, eval_transform, normalize, train_transform)

@@ -1,0 +1,393 @@
+"""The input pipeline: sampler batches -> decoded, augmented, normalized NumPy batches.
+
+Built on grain's ``MapDataset`` (worker processes, prefetch, shared-memory transport,
+shutdown); this module only says *what* each batch is:
+
+* element ``k`` of the stream is global step ``k``: epoch ``k // steps_per_epoch``, batch
+  ``k % steps_per_epoch`` of the sampler's epoch order, of which this host keeps its slice;
+* a worker loads the batch's images, applies ``transform(image, rng)`` with ``rng`` a pure
+  function of ``(seed, epoch, slot)`` (``slot``: position in the epoch order, the same on
+  every host and for any worker count), and stacks uint8 pixels;
+* the main process turns the uint8 batch into float32 with the transform's ``norm``.
+
+Because a batch depends on ``(seed, k)`` only, the iterator state is just the next step:
+:meth:`Loader.get_state` returns a small JSON-able dict, and :meth:`Loader.set_state`
+restarts the workers at that step, giving the very batches an uninterrupted run would
+have given (also after changing ``num_workers`` or the number of hosts).
+
+Example::
+
+    ds = ImageFolder(root / "train")
+    loader = make_loader(ds, batch_size=120, sampler=ClassBalancedSampler(ds.targets, n_instance=4),
+                         transform=train_transform(224, norm), num_workers=2, seed=0)
+    with loader:
+        batch = next(loader)     # {'image': float32 [120, 224, 224, 3], 'label': int32 [120]}
+        state = loader.get_state()
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import sys
+import weakref
+from typing import Any, Optional
+
+import numpy as np
+from PIL import Image
+
+from proxy_jax.data.samplers import (PAD_INDEX, Sampler, _check_nonnegative_int, _check_positive_int,
+                                     _local_batch_size)
+from proxy_jax.data.transforms import normalize
+
+__all__ = ["Loader", "make_loader"]
+
+# Random stream of the augmentations, distinct from the samplers' streams.
+_AUGMENT_STREAM = 3
+# Length of the stream when it runs forever (grain needs a finite length).
+_FOREVER = sys.maxsize // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchPlan:
+    """grain source: global step ``k`` -> ``(epoch, slots, indices)`` of this host.
+
+    ``slots`` are the positions in the epoch order of this host's rows (int64 [b]);
+    ``indices`` the dataset indices (int64 [b], ``PAD_INDEX`` for padding).
+    """
+
+    sampler: Sampler
+    batch_size: int
+    seed: int
+    drop_remainder: bool
+    shard_index: int
+    shard_count: int
+    steps_per_epoch: int
+    length: int
+    # Per-process memo of the last epoch's batches (each worker fills its own copy).
+    _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, step: int):
+        epoch, position = divmod(int(step), self.steps_per_epoch)
+        if self._memo.get("epoch") != epoch:
+            self._memo["batches"] = self.sampler.epoch_batches(
+                epoch, batch_size=self.batch_size, seed=self.seed,
+                drop_remainder=self.drop_remainder, shard_index=self.shard_index,
+                shard_count=self.shard_count)
+            self._memo["epoch"] = epoch
+        local = self.batch_size // self.shard_count
+        first = position * self.batch_size + self.shard_index * local
+        slots = np.arange(first, first + local, dtype=np.int64)
+        return epoch, slots, self._memo["batches"][position]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadBatch:
+    """Worker-side: read, check, transform and stack one batch as uint8."""
+
+    dataset: Any
+    transform: Any
+    seed: int
+    num_classes: Optional[int]
+    with_mask: bool
+
+    def __call__(self, plan_item) -> dict:
+        epoch, slots, indices = plan_item
+        images, labels = [], np.empty(len(indices), np.int32)
+        for row, (slot, index) in enumerate(zip(slots, indices)):
+            if index == PAD_INDEX:
+                images.append(None)
+                labels[row] = -1
+                continue
+            image, label = self.dataset[int(index)]
+            labels[row] = self._check_label(label, int(index))
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, int(slot), _AUGMENT_STREAM]))
+            pixels = self.transform(_as_pil(image, int(index)), rng)
+            images.append(_check_pixels(pixels, int(index), images))
+        shape = next((p.shape for p in images if p is not None), None)
+        if shape is None:  # this host's slice of the last batch is all padding
+            shape = self.transform(_as_pil(self.dataset[0][0], 0), np.random.default_rng(0)).shape
+        batch = np.zeros((len(indices),) + shape, np.uint8)
+        for row, pixels in enumerate(images):
+            if pixels is not None:
+                batch[row] = pixels
+        out = {"image": batch, "label": labels}
+        if self.with_mask:
+            out["mask"] = indices != PAD_INDEX
+        return out
+
+    def _check_label(self, label, index: int) -> int:
+        value = label.item() if hasattr(label, "item") else label  # numpy / torch scalars
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"dataset[{index}] has label {label!r}; expected an int class index")
+        if value < 0 or (self.num_classes is not None and value >= self.num_classes):
+            upper = "" if self.num_classes is None else f", < num_classes={self.num_classes}"
+            raise ValueError(f"dataset[{index}] has label {value}; expected >= 0{upper}")
+        return int(value)
+
+
+def _as_pil(image, index: int) -> Image.Image:
+    """The dataset's image as a PIL image (uint8 HWC / HW arrays are accepted too)."""
+    if isinstance(image, Image.Image):
+        return image
+    if hasattr(image, "numpy") and not isinstance(image, np.ndarray):  # torch tensors
+        image = image.numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            bad = " (it contains NaN/Inf)" if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all() else ""
+            raise ValueError(
+                f"dataset[{index}] image is a {image.dtype} array{bad}; expected a PIL image or uint8 [H, W, 3]")
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4)):
+            return Image.fromarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
+        raise ValueError(f"dataset[{index}] image has shape {image.shape}; expected [H, W] or [H, W, 3]")
+    raise ValueError(f"dataset[{index}] image is a {type(image).__name__}; expected a PIL image")
+
+
+def _check_pixels(pixels, index: int, previous: list) -> np.ndarray:
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"transform returned {type(pixels).__name__} "
+                         f"{getattr(pixels, 'dtype', '')}{getattr(pixels, 'shape', '')} for dataset[{index}]; "
+                         "expected uint8 [H, W, 3] (end the transform with Compose)")
+    shape = next((p.shape for p in previous if p is not None), pixels.shape)
+    if pixels.shape != shape:
+        raise ValueError(f"transform gave shape {pixels.shape} for dataset[{index}] but {shape} for an "
+                         "earlier image of the batch; batches need one fixed size (crop to a fixed size)")
+    return pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Normalize:
+    """Main-process: uint8 -> float32 network input, as late as possible."""
+
+    norm: Any
+
+    def __call__(self, batch: dict) -> dict:
+        out = dict(batch)
+        out["image"] = normalize(batch["image"], self.norm)
+        out["label"] = np.array(batch["label"])  # own the memory, not a shared-memory view
+        if "mask" in batch:
+            out["mask"] = np.array(batch["mask"])
+        return out
+
+
+def _copy_out(batch: dict) -> dict:
+    return {key: np.array(value) for key, value in batch.items()}
+
+
+def _exit_with_parent(worker_index: int, worker_count: int):
+    """grain worker init: end this worker when the main process dies.
+
+    close(), exit and KeyboardInterrupt stop the workers through grain; a main process
+    killed outright (SIGKILL, OOM killer, SIGTERM without a handler) cannot, and a worker
+    blocked on its full output queue would live on. A daemon thread waits on the parent's
+    sentinel and exits the worker when it fires.
+    """
+    del worker_index, worker_count
+    import multiprocessing
+    import os
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="proxy_jax-exit-with-parent", daemon=True).start()
+
+
+def _ensure_absl_flags_parsed():
+    # grain reads one of its absl flags when it starts worker processes and raises
+    # UnparsedFlagAccessError outside absl.app.run (tests, notebooks, benches). Marking
+    # the flags parsed keeps every flag at its default; absl.app.run still parses argv.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class Loader:
+    """Iterator of batches with exact checkpoint/resume; build it with :func:`make_loader`.
+
+    Each ``next()`` returns ``{'image': float32 [b, H, W, 3], 'label': int32 [b]}`` (``b =
+    batch_size // shard_count``), plus ``'mask': bool [b]`` when ``drop_remainder=False``
+    (padding rows of the last batch: zero pixels before normalization, label -1, mask
+    False). Worker processes start at the first ``next()`` and stop at :meth:`close`, at
+    the end of a ``with`` block, when the loader is garbage-collected, or at interpreter
+    exit (including after ``KeyboardInterrupt``).
+
+    Attributes:
+      steps_per_epoch: global batches per epoch.
+      batch_size: this host's batch size; ``global_batch_size`` the sum over hosts.
+    """
+
+    def __init__(self, dataset, *, sampler: Sampler, transform, batch_size: int, seed: int,
+                 num_workers: int, shard_index: int, shard_count: int, drop_remainder: bool,
+                 num_epochs: Optional[int], num_classes: Optional[int], prefetch: int,
+                 normalize_images: bool):
+        self.global_batch_size = batch_size
+        self.batch_size = batch_size // shard_count
+        self.seed = seed
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.num_workers = num_workers
+        self.steps_per_epoch = sampler.num_batches(batch_size=batch_size, drop_remainder=drop_remainder)
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"the sampler gives no batch of batch_size={batch_size} from {sampler.num_examples} "
+                "examples with drop_remainder=True; lower batch_size or pass drop_remainder=False")
+        self.num_epochs = num_epochs
+        self.total_steps = None if num_epochs is None else num_epochs * self.steps_per_epoch
+        self._plan = _BatchPlan(sampler, batch_size, seed, drop_remainder, shard_index, shard_count,
+                                self.steps_per_epoch, self.total_steps or _FOREVER)
+        self._load = _LoadBatch(dataset, transform, seed, num_classes, with_mask=not drop_remainder)
+        self._finish = _Normalize(transform.norm) if normalize_images else _copy_out
+        self._prefetch = prefetch
+        self._step = 0
+        # The grain iterator lives in a small list shared with a finalizer that closes
+        # it at garbage collection and at interpreter exit (even after KeyboardInterrupt).
+        self._holder = [None, None]  # [grain iterator, its atexit hook]
+        weakref.finalize(self, Loader._close_holder, self._holder)
+
+    # grain pipeline ------------------------------------------------------------------
+    def _start(self):
+        import grain  # imported on first use: grain imports jax, too heavy for `import proxy_jax.data`
+
+        _ensure_absl_flags_parsed()
+        ds = grain.MapDataset.source(self._plan)[self._step:].map(self._load)
+        # One element is a whole batch: no read threads inside a worker (the workers are
+        # the parallelism; threads would only contend for the GIL and memory).
+        iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self.num_workers > 0:
+            iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.num_workers, per_worker_buffer_size=self._prefetch),
+                worker_init_fn=_exit_with_parent)
+        self._holder[0] = iter(iter_ds.map(self._finish))
+        # At exit, close before multiprocessing's own exit hook terminates the workers
+        # mid-batch (leaking their shared memory): atexit runs hooks last-in first-out,
+        # and this one is registered after grain imported multiprocessing.
+        self._holder[1] = functools.partial(Loader._close_holder, self._holder)
+        atexit.register(self._holder[1])
+
+    @staticmethod
+    def _close_holder(holder):
+        # Also drops the reference, so grain's own __del__ runs now and not during
+        # interpreter teardown (when it fails noisily).
+        iterator, hook = holder
+        holder[:] = [None, None]
+        if hook is not None:
+            atexit.unregister(hook)
+        if iterator is not None:
+            iterator.close()
+
+    # iterator protocol -----------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.total_steps is not None and self._step >= self.total_steps:
+            raise StopIteration
+        if self._holder[0] is None:
+            self._start()
+        batch = next(self._holder[0])
+        self._step += 1
+        return batch
+
+    def close(self):
+        """Stops the worker processes; a later ``next()`` starts them again."""
+        Loader._close_holder(self._holder)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # checkpointing ---------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._step // self.steps_per_epoch
+
+    @property
+    def position(self) -> int:
+        """Index of the next batch within its epoch."""
+        return self._step % self.steps_per_epoch
+
+    def get_state(self) -> dict:
+        """``{'step', 'epoch', 'position', 'seed', 'global_batch_size'}`` of the next batch."""
+        return {"step": self._step, "epoch": self.epoch, "position": self.position,
+                "seed": self.seed, "global_batch_size": self.global_batch_size}
+
+    def set_state(self, state: dict):
+        """Continue from ``state`` (from :meth:`get_state`): the next batch is the one that
+        followed when the state was taken."""
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"state must be a dict from get_state() with a 'step', got {state!r}")
+        for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size)):
+            if key in state and int(state[key]) != mine:
+                raise ValueError(f"state was saved with {key}={state[key]} but this loader has {key}={mine}")
+        step = _check_nonnegative_int(state["step"], "state['step']")
+        self.close()
+        self._step = step
+
+
+def make_loader(dataset, *, batch_size: int, sampler: Sampler, transform, num_workers: int, seed: int,
+                shard_index: int = 0, shard_count: int = 1, drop_remainder: bool = True,
+                num_epochs: Optional[int] = None, num_classes: Optional[int] = None,
+                prefetch: int = 2, normalize_images: bool = True) -> Loader:
+    """A resumable iterator of fixed-shape batches, decoded in ``num_workers`` processes.
+
+    Args:
+      dataset: map-style (``__len__``, ``__getitem__(i) -> (image, label)``): a proxy_jax
+        dataset, a ``torch.utils.data.Dataset`` or anything alike. Images are PIL images
+        (any mode; converted to RGB) or uint8 ``[H, W(, 3)]`` arrays; labels ints. Must
+        pickle (it is sent to the worker processes).
+      batch_size: the *global* batch size (all hosts together).
+      sampler: a :class:`proxy_jax.data.samplers.Sampler` over ``len(dataset)`` examples.
+      transform: ``transform(image, rng) -> uint8 [H, W, 3]`` with a ``norm`` attribute,
+        e.g. ``train_transform(224, norm)``.
+      num_workers: worker processes (0: everything in this process).
+      seed: seed of the sampler order and of the augmentations.
+      shard_index, shard_count: this host and the number of hosts; each host gets the
+        contiguous slice ``shard_index`` of every global batch.
+      drop_remainder: drop the last incomplete batch of an epoch; False pads it (see
+        :class:`Loader`) and adds ``'mask'``.
+      num_epochs: stop after this many epochs; None repeats forever.
+      num_classes: labels must be in ``[0, num_classes)``; default ``len(dataset.classes)``
+        when the dataset has ``classes``.
+      prefetch: batches buffered per worker.
+      normalize_images: False yields uint8 ``'image'`` for normalizing on the device with
+        ``proxy_jax.data.transforms.normalize(images, transform.norm)``.
+
+    Returns:
+      :class:`Loader`.
+    """
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    seed = _check_nonnegative_int(seed, "seed")
+    num_workers = _check_nonnegative_int(num_workers, "num_workers")
+    prefetch = _check_positive_int(prefetch, "prefetch")
+    if num_epochs is not None:
+        num_epochs = _check_positive_int(num_epochs, "num_epochs")
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler must be a proxy_jax.data.samplers.Sampler, got {type(sampler).__name__}")
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ValueError(f"dataset must be map-style (__len__ and __getitem__), got {type(dataset).__name__}")
+    if len(dataset) != sampler.num_examples:
+        raise ValueError(f"sampler covers {sampler.num_examples} examples but len(dataset) is {len(dataset)}")
+    if not callable(transform) or not hasattr(transform, "norm"):
+        raise ValueError("transform must be callable (image, rng) -> uint8 [H, W, 3] with a `norm` "
+                         f"attribute (see proxy_jax.data.transforms.Compose), got {transform!r}")
+    if num_classes is None and getattr(dataset, "classes", None) is not None:
+        num_classes = len(dataset.classes)
+    if num_classes is not None:
+        num_classes = _check_positive_int(num_classes, "num_classes")
+    _local_batch_size(batch_size, shard_index, shard_count)
+    return Loader(dataset, sampler=sampler, transform=transform, batch_size=batch_size, seed=seed,
+                  num_workers=num_workers, shard_index=shard_index, shard_count=shard_count,
+                  drop_remainder=drop_remainder, num_epochs=num_epochs, num_classes=num_classes,
+                  prefetch=prefetch, normalize_images=normalize_images)

@@ -1,0 +1,381 @@
+"""Batch samplers: which dataset indices form each global batch, host-side and in NumPy.
+
+A sampler describes an *epoch order*: a flat ``int64`` array of dataset indices whose
+consecutive chunks of ``batch_size`` are the global batches of that epoch. The order is a
+pure function of ``(seed, epoch)``, so any batch can be recomputed from ``(epoch,
+position)`` alone: that is what makes the loader resumable and lets every host compute the
+same global batch and keep only its own part of it.
+
+Samplers (all share :class:`Sampler`'s methods):
+
+* :class:`ShuffleSampler` -- a permutation per epoch (``shuffle=False``: dataset order,
+  for evaluation).
+* :class:`ClassBalancedSampler` -- ``batch_size // n_instance`` distinct classes per batch
+  with ``n_instance`` images each, at positions ``[k * n_instance, (k + 1) * n_instance)``.
+  With an even ``n_instance`` the pairs ``(2i, 2i + 1)`` share a class, which is the batch
+  contract of Embedding Expansion (clovaai/embedding-expansion ``dataset/sampler.py``).
+  ``n_instance=1`` is plain shuffling, as in the seed repositories.
+* :class:`DistinctNeighbourSampler` -- wraps any sampler and reorders every global batch so
+  that ``labels[i] != labels[(i + 1) % B]`` whenever the batch's label counts allow it
+  (no label on more than ``B // 2`` rows). Proxy Synthesis mixes each row with its
+  neighbour and needs this; the official loop (navervision/proxy-synthesis ``main.py``,
+  ``train``) repairs each batch by local swaps, which can fail; here the order is built so
+  that it never fails when a valid order exists.
+
+Sharding: host ``shard_index`` of ``shard_count`` keeps the contiguous slice
+``[shard_index * b, (shard_index + 1) * b)`` of every global batch, ``b = batch_size //
+shard_count``, so concatenating the hosts' batches in host order gives the single-host
+global batch.
+
+Example::
+
+    sampler = ClassBalancedSampler(dataset.targets, n_instance=4)
+    for epoch, position, indices in sampler.batches(batch_size=120, seed=0):
+        ...  # indices: int64 [120]
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Sampler",
+    "ShuffleSampler",
+    "ClassBalancedSampler",
+    "DistinctNeighbourSampler",
+    "distinct_neighbour_order",
+    "PAD_INDEX",
+]
+
+# Index used to pad the last, partial batch of an epoch when drop_remainder=False.
+PAD_INDEX = -1
+
+# Distinct streams for the different random decisions made from one (seed, epoch).
+_SHUFFLE_STREAM = 0
+_BALANCED_STREAM = 1
+_NEIGHBOUR_STREAM = 2
+
+
+def _check_nonnegative_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, stream]))
+
+
+def _as_labels(labels, name: str = "labels") -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of int labels, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+class Sampler(abc.ABC):
+    """Base class: subclasses define :meth:`epoch_order` and :meth:`num_batches`.
+
+    Attributes:
+      num_examples: size of the dataset the indices refer to.
+    """
+
+    num_examples: int
+
+    @abc.abstractmethod
+    def epoch_order(self, epoch: int, *, batch_size: int, seed: int) -> np.ndarray:
+        """Dataset indices of one epoch, int64 ``[n]``; batch ``k`` is ``order[k*B:(k+1)*B]``.
+
+        ``n`` is a multiple of ``batch_size`` except for samplers that visit every example
+        once (:class:`ShuffleSampler`), whose last chunk may be partial.
+        """
+
+    @abc.abstractmethod
+    def num_batches(self, *, batch_size: int, drop_remainder: bool = True) -> int:
+        """Global batches per epoch."""
+
+    def epoch_batches(self, epoch: int, *, batch_size: int, seed: int, drop_remainder: bool = True,
+                      shard_index: int = 0, shard_count: int = 1) -> np.ndarray:
+        """This host's part of every global batch of ``epoch``.
+
+        Returns:
+          int64 ``[num_batches, batch_size // shard_count]``. With ``drop_remainder=False``
+          the last global batch is padded to ``batch_size`` with ``PAD_INDEX`` (-1) before
+          it is split between hosts, so shapes stay fixed.
+        """
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        local = _local_batch_size(batch_size, shard_index, shard_count)
+        order = self.epoch_order(_check_nonnegative_int(epoch, "epoch"), batch_size=batch_size,
+                                 seed=_check_nonnegative_int(seed, "seed"))
+        steps = self.num_batches(batch_size=batch_size, drop_remainder=drop_remainder)
+        padded = np.full(steps * batch_size, PAD_INDEX, np.int64)
+        used = min(order.size, padded.size)
+        padded[:used] = order[:used]
+        batches = padded.reshape(steps, batch_size)
+        return batches[:, shard_index * local:(shard_index + 1) * local]
+
+    def batches(self, *, batch_size: int, seed: int, start_epoch: int = 0, start_position: int = 0,
+                num_epochs: Optional[int] = None, drop_remainder: bool = True, shard_index: int = 0,
+                shard_count: int = 1) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yields ``(epoch, position, indices)`` from ``(start_epoch, start_position)`` on.
+
+        ``indices`` is int64 ``[batch_size // shard_count]`` (see :meth:`epoch_batches`).
+        ``num_epochs=None`` runs forever; otherwise it stops after epoch
+        ``num_epochs - 1``. Resuming from a saved ``(epoch, position)`` continues the same
+        sequence exactly.
+        """
+        steps = self.num_batches(batch_size=batch_size, drop_remainder=drop_remainder)
+        epoch = _check_nonnegative_int(start_epoch, "start_epoch")
+        position = _check_nonnegative_int(start_position, "start_position")
+        if position >= steps:
+            raise ValueError(f"start_position must be < {steps} (batches per epoch), got {position}")
+        while num_epochs is None or epoch < num_epochs:
+            rows = self.epoch_batches(epoch, batch_size=batch_size, seed=seed,
+                                      drop_remainder=drop_remainder, shard_index=shard_index,
+                                      shard_count=shard_count)
+            for k in range(position, steps):
+                yield epoch, k, rows[k]
+            epoch, position = epoch + 1, 0
+
+
+def _local_batch_size(batch_size: int, shard_index: int, shard_count: int) -> int:
+    shard_count = _check_positive_int(shard_count, "shard_count")
+    shard_index = _check_nonnegative_int(shard_index, "shard_index")
+    if shard_index >= shard_count:
+        raise ValueError(f"shard_index must be < shard_count={shard_count}, got {shard_index}")
+    if batch_size % shard_count:
+        raise ValueError(
+            f"batch_size={batch_size} (the global batch) must be divisible by shard_count={shard_count}")
+    return batch_size // shard_count
+
+
+class ShuffleSampler(Sampler):
+    """Every example once per epoch, in a fresh random order (or in order, ``shuffle=False``).
+
+    Args:
+      num_examples: dataset size.
+      shuffle: permute per ``(seed, epoch)``; False keeps ``0..num_examples-1`` (evaluation).
+    """
+
+    def __init__(self, num_examples: int, *, shuffle: bool = True):
+        self.num_examples = _check_positive_int(num_examples, "num_examples")
+        self.shuffle = bool(shuffle)
+
+    def epoch_order(self, epoch: int, *, batch_size: int, seed: int) -> np.ndarray:
+        del batch_size
+        if not self.shuffle:
+            return np.arange(self.num_examples, dtype=np.int64)
+        return _rng(seed, epoch, _SHUFFLE_STREAM).permutation(self.num_examples).astype(np.int64)
+
+    def num_batches(self, *, batch_size: int, drop_remainder: bool = True) -> int:
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        if drop_remainder:
+            return self.num_examples // batch_size
+        return -(-self.num_examples // batch_size)
+
+
+class ClassBalancedSampler(Sampler):
+    """``batch_size // n_instance`` distinct classes per batch, ``n_instance`` images each.
+
+    Per epoch there are ``max(1, len(labels) // batch_size)`` batches (the seeds'
+    ``len(dataset) // batch_size``). Each batch draws its classes uniformly without
+    replacement; each class hands out its images from a per-epoch shuffled queue that is
+    refilled (reshuffled) when it runs out, so within a group the images are distinct
+    whenever the class has at least ``n_instance`` of them, and over an epoch a class's
+    images are used evenly.
+
+    Classes with fewer than ``n_instance`` images: ``small_classes='replace'`` (default)
+    keeps them and repeats their images within the group (each image at least once before
+    any repeats); ``'skip'`` never samples them.
+
+    ``n_instance=1`` is plain shuffling: the same order as :class:`ShuffleSampler` for the
+    same seed (incomplete last batch dropped or padded by the loader, as there).
+
+    Args:
+      labels: int ``[num_examples]``, the dataset's ``targets``.
+      n_instance: images per class in a batch; must divide the batch size.
+      small_classes: ``'replace'`` or ``'skip'``.
+    """
+
+    def __init__(self, labels: Sequence[int], *, n_instance: int, small_classes: str = "replace"):
+        self.labels = _as_labels(labels)
+        self.num_examples = int(self.labels.size)
+        self.n_instance = _check_positive_int(n_instance, "n_instance")
+        if small_classes not in ("replace", "skip"):
+            raise ValueError(f"small_classes must be 'replace' or 'skip', got {small_classes!r}")
+        self.small_classes = small_classes
+        classes, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
+        # Indices grouped by class in one sort (a mask per class would be O(N * C)).
+        members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+        if small_classes == "skip":
+            keep = [k for k, m in enumerate(members) if m.size >= self.n_instance]
+            classes, members = classes[keep], [members[k] for k in keep]
+        self.classes = classes
+        self._members = members
+        if self.n_instance > 1 and not members:
+            raise ValueError(
+                f"labels has no class with n_instance={self.n_instance} images (small_classes='skip')")
+
+    def _groups_per_batch(self, batch_size: int) -> int:
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        if batch_size % self.n_instance:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of n_instance={self.n_instance}")
+        groups = batch_size // self.n_instance
+        if groups > len(self._members):
+            raise ValueError(
+                f"batch_size={batch_size} needs {groups} distinct classes of n_instance="
+                f"{self.n_instance} images, but only {len(self._members)} classes are available")
+        return groups
+
+    def num_batches(self, *, batch_size: int, drop_remainder: bool = True) -> int:
+        if self.n_instance == 1:
+            return ShuffleSampler(self.num_examples).num_batches(
+                batch_size=batch_size, drop_remainder=drop_remainder)
+        self._groups_per_batch(batch_size)
+        return max(1, self.num_examples // batch_size)
+
+    def epoch_order(self, epoch: int, *, batch_size: int, seed: int) -> np.ndarray:
+        if self.n_instance == 1:
+            return ShuffleSampler(self.num_examples).epoch_order(epoch, batch_size=batch_size, seed=seed)
+        groups = self._groups_per_batch(batch_size)
+        steps = self.num_batches(batch_size=batch_size)
+        rng = _rng(seed, epoch, _BALANCED_STREAM)
+        queues = [rng.permutation(m) for m in self._members]
+        heads = np.zeros(len(queues), np.int64)
+        order = np.empty((steps, groups, self.n_instance), np.int64)
+        for step in range(steps):
+            for g, k in enumerate(rng.choice(len(queues), size=groups, replace=False)):
+                order[step, g] = self._take(k, queues, heads, rng)
+        return order.reshape(-1)
+
+    def _take(self, k: int, queues: list, heads: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The next ``n_instance`` images of class ``k``, refilling its queue as needed."""
+        members, n = self._members[k], self.n_instance
+        if members.size < n:  # small class ('replace'): every image once, then repeats
+            reps = -(-n // members.size)
+            return np.concatenate([rng.permutation(members) for _ in range(reps)])[:n]
+        head = heads[k]
+        taken = queues[k][head:head + n]
+        if taken.size == n:
+            heads[k] = head + n
+            return taken
+        # The queue ran out mid-group: reshuffle, and move the images the group already
+        # holds to the back of the new queue so that the group's images stay distinct.
+        fresh = rng.permutation(members)
+        held = np.isin(fresh, taken)
+        queues[k] = np.concatenate([fresh[~held], fresh[held]])
+        heads[k] = n - taken.size
+        return np.concatenate([taken, queues[k][:heads[k]]])
+
+
+class DistinctNeighbourSampler(Sampler):
+    """Reorders each global batch of ``base`` so that cyclic neighbours differ in label.
+
+    The batches' contents are ``base``'s; only the order inside each batch changes (the
+    last, partial batch of a :class:`ShuffleSampler` epoch is reordered on its own). See
+    :func:`distinct_neighbour_order` for the guarantee.
+
+    Args:
+      base: the sampler choosing the batches' contents.
+      labels: int ``[num_examples]``, the dataset's ``targets``; default ``base.labels``
+        (a :class:`ClassBalancedSampler` has them).
+    """
+
+    def __init__(self, base: Sampler, labels: Optional[Sequence[int]] = None):
+        if not isinstance(base, Sampler):
+            raise ValueError(f"base must be a proxy_jax Sampler, got {type(base).__name__}")
+        if labels is None:
+            labels = getattr(base, "labels", None)
+            if labels is None:
+                raise ValueError(f"labels is required: {type(base).__name__} does not carry labels")
+        self.base = base
+        self.labels = _as_labels(labels)
+        self.num_examples = base.num_examples
+        if self.labels.size != base.num_examples:
+            raise ValueError(
+                f"labels has {self.labels.size} entries but base samples {base.num_examples} examples")
+
+    def num_batches(self, *, batch_size: int, drop_remainder: bool = True) -> int:
+        return self.base.num_batches(batch_size=batch_size, drop_remainder=drop_remainder)
+
+    def epoch_order(self, epoch: int, *, batch_size: int, seed: int) -> np.ndarray:
+        order = self.base.epoch_order(epoch, batch_size=batch_size, seed=seed).copy()
+        rng = _rng(seed, epoch, _NEIGHBOUR_STREAM)
+        for start in range(0, order.size, batch_size):
+            chunk = order[start:start + batch_size]
+            order[start:start + batch_size] = chunk[distinct_neighbour_order(self.labels[chunk], rng)]
+        return order
+
+
+def distinct_neighbour_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation ``p`` with ``labels[p][i] != labels[p][(i + 1) % n]`` for all ``i``.
+
+    Such an order exists iff ``n >= 2`` and no label occurs more than ``n // 2`` times;
+    then it is always found. Otherwise the result is a best effort (most frequent label
+    spread out as far as it goes).
+
+    How: the most frequent label goes first; then, position by position, a label is drawn
+    with probability proportional to its remaining count among those that differ from the
+    previous one and leave the rest completable. The rest of ``r`` slots between a left
+    neighbour ``a`` and the wrap-around right neighbour ``f`` (the first label) is
+    completable iff every label ``x`` fits in its capacity: ``ceil(r/2)`` slots, less one
+    end slot for each end that holds ``x`` itself. Finally the cycle is rotated by a random
+    offset, which keeps it valid and removes the bias of the first slot.
+
+    Args:
+      labels: int ``[n]``.
+      rng: NumPy generator.
+
+    Returns:
+      int64 ``[n]`` permutation.
+    """
+    labels = np.asarray(labels)
+    n = labels.size
+    if n < 2:
+        return np.arange(n, dtype=np.int64)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    pools = [list(rng.permutation(np.flatnonzero(inverse == k))) for k in range(counts.size)]
+    counts = counts.astype(np.int64)
+    classes = np.arange(counts.size)
+
+    top = np.flatnonzero(counts == counts.max())
+    first = int(rng.choice(top))
+    out = [pools[first].pop()]
+    counts[first] -= 1
+    prev = first
+    for remaining in range(n - 1, 0, -1):
+        rest = remaining - 1  # slots left after this one
+        # Capacity of each label in the rest if it does not touch an end of its own label.
+        free_cap = (rest + 1) // 2
+        end_cap = rest // 2
+        # Label x != candidate: x == first touches the right end.
+        slack = counts - np.where(classes == first, end_cap, free_cap)
+        order = np.argsort(-slack, kind="stable")
+        best, second = slack[order[0]], (slack[order[1]] if counts.size > 1 else -np.inf)
+        max_other = np.where(classes == order[0], second, best)
+        # The candidate itself, after use: it is the left end of the rest.
+        own_cap = np.where(classes == first, (rest - 1) // 2, end_cap)
+        ok = (counts > 0) & (classes != prev) & (max_other <= 0) & (counts - 1 <= own_cap)
+        if not ok.any():  # no valid completion: best effort, avoid the previous label
+            ok = (counts > 0) & (classes != prev)
+            if ok.any():
+                ok &= counts == counts[ok].max()
+            else:
+                ok = counts > 0
+        weights = np.where(ok, counts, 0).astype(np.float64)
+        pick = int(rng.choice(counts.size, p=weights / weights.sum()))
+        out.append(pools[pick].pop())
+        counts[pick] -= 1
+        prev = pick
+    return np.roll(np.asarray(out, np.int64), int(rng.integers(n)))
