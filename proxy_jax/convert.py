@@ -1,0 +1,126 @@
+r"""Converts a PyTorch ImageNet state_dict into a proxy_jax backbone weight file.
+
+Run once, on a machine with torch (the only place proxy_jax imports it):
+
+    python -m proxy_jax.convert --arch resnet50 --src resnet50-0676ba61.pth \
+        --dst weights/resnet50.npz
+    python -m proxy_jax.convert --arch bn_inception --src bn_inception-52deb4733.pth \
+        --dst weights/bn_inception.npz
+
+then point a config at the ``.npz`` (``proxy_jax.models.load_pretrained`` reads it, no torch).
+
+Key names are those of torchvision (``resnet18/34/50/101``, ``googlenet``) and of Cadene's
+``pretrainedmodels`` ``bninception``. A key ``a.b.weight`` becomes ``params/a/b/kernel``
+(convs transposed OIHW → HWIO) or ``params/a/b/scale`` (BatchNorm); ``bias`` stays;
+``running_mean``/``running_var`` become ``batch_stats/a/b/mean``/``var``;
+``num_batches_tracked`` and the ImageNet classifier heads (``fc``, GoogLeNet's
+``aux1``/``aux2``, ``last_linear`` of BN-Inception and of pretrainedmodels' ResNets) are
+dropped. A ``module.`` prefix (DataParallel) is removed.
+The older circulating BN-Inception file stores BatchNorm tensors as [1, C]; they are reshaped
+to [C]. Anything else that does not map -- missing, unexpected or wrongly shaped -- is an error
+that lists it.
+"""
+import argparse
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from proxy_jax.models.registry import BACKBONES, get_backbone
+from proxy_jax.models.weights import backbone_shapes, save_weights
+
+__all__ = ["convert_state_dict", "main"]
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor; bfloat16/half go through float32
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, np.float32)
+
+
+def convert_state_dict(state_dict: Mapping[str, object], arch: str) -> dict:
+    """Maps a PyTorch state_dict to flat proxy_jax backbone weights.
+
+    Args:
+      state_dict: ``{torch key: tensor or array}`` of the model named by ``arch``'s registry
+        entry (``BACKBONES[arch].torch_source``).
+      arch: a backbone name of ``proxy_jax.models.BACKBONES``.
+
+    Returns:
+      ``{'params/…' | 'batch_stats/…': np.float32 array}`` ready for ``save_weights``.
+
+    Raises:
+      ValueError: missing, unexpected or wrongly shaped keys (all listed, in torch names).
+    """
+    spec = get_backbone(arch)
+    expected = backbone_shapes(arch)
+    weights, unexpected, wrong, wrong_names = {}, [], [], set()
+    for torch_key, value in state_dict.items():
+        key = torch_key[len("module."):] if torch_key.startswith("module.") else torch_key
+        if key.endswith("num_batches_tracked") or key.startswith(spec.head_prefixes):
+            continue
+        module, _, leaf = key.rpartition(".")
+        path = module.replace(".", "/")
+        if leaf == "running_mean":
+            name = f"batch_stats/{path}/mean"
+        elif leaf == "running_var":
+            name = f"batch_stats/{path}/var"
+        elif leaf == "bias":
+            name = f"params/{path}/bias"
+        elif leaf == "weight" and f"params/{path}/kernel" in expected:
+            name = f"params/{path}/kernel"
+        elif leaf == "weight":
+            name = f"params/{path}/scale"
+        else:
+            name = None
+        if name not in expected:
+            unexpected.append(torch_key)
+            continue
+        array = _to_numpy(value)
+        if name.endswith("/kernel"):
+            # conv OIHW → HWIO; linear [out, in] → [in, out]
+            array = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
+        elif array.shape == (1,) + expected[name]:
+            array = array.reshape(expected[name])  # the older BN-Inception file's [1, C]
+        if array.shape != expected[name]:
+            wrong.append(f"{torch_key} -> {name}: got {array.shape}, expected {expected[name]}")
+            wrong_names.add(name)
+            continue
+        weights[name] = np.ascontiguousarray(array)
+    missing = sorted(set(expected) - set(weights) - wrong_names)
+    if missing or unexpected or wrong:
+        lines = [f"state_dict does not match {arch} ({spec.torch_source}):"]
+        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)),
+                             ("wrong shape", wrong)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        raise ValueError("\n".join(lines))
+    return weights
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy_jax.convert",
+        description="Convert a PyTorch state_dict (.pth) into a proxy_jax weight file (.npz).")
+    parser.add_argument("--arch", required=True,
+                        choices=sorted(name for name in BACKBONES if name != "tiny_cnn"))
+    parser.add_argument("--src", required=True, help="PyTorch file holding a state_dict")
+    parser.add_argument("--dst", required=True, help="output .npz for load_pretrained")
+    args = parser.parse_args(argv)
+
+    import torch  # only this command needs torch
+
+    state = torch.load(args.src, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]  # a training checkpoint wrapping the state_dict
+    if not isinstance(state, Mapping):
+        raise ValueError(f"src {args.src!r} holds a {type(state).__name__}, expected a state_dict")
+    weights = convert_state_dict(state, args.arch)
+    save_weights(args.dst, weights, arch=args.arch)
+    print(f"wrote {args.dst}: {args.arch}, {len(weights)} arrays, "
+          f"{sum(a.size for a in weights.values()):,} numbers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The embedding model of the seeds: backbone → global pooling → linear → l2 normalization.
+
+This is the network of Proxy-Anchor (``code/net/*.py``: GAP + GMP summed, ``embedding``
+Linear, ``l2_norm``) and of Proxy Synthesis / MemVir (``net/pooling.py`` GAP or GMP,
+``net/embedding.py``), and Embedding Expansion's (GAP then Dense).
+
+Variables: ``{'params': {'backbone': ..., 'embedding': {'kernel', 'bias'}},
+'batch_stats': {'backbone': ...}}`` -- the top-level 'backbone' / 'embedding' split is what
+optimizers use for learning-rate groups and for freezing the backbone during warm-up epochs.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from proxy_jax import losses
+from proxy_jax.models.registry import get_backbone
+
+__all__ = ["EmbeddingModel", "create_model", "global_pool", "POOLINGS", "EMBEDDING_INITS"]
+
+POOLINGS = ("gap", "gmp", "gap+gmp")
+
+
+def _torch_linear_bias(fan_in: int):
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# name -> (kernel init, bias init given fan_in); the kernel is [in_features, embedding_dim].
+EMBEDDING_INITS = {
+    # Proxy-Anchor: init.kaiming_normal_(weight, mode='fan_out') (fan_out = embedding_dim,
+    # gain sqrt(2)), init.constant_(bias, 0).
+    "kaiming_fan_out": (nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                        lambda fan_in: nn.initializers.zeros),
+    # Proxy Synthesis / MemVir: torch.nn.Linear's default, U(±1/sqrt(in)) for weight and bias.
+    "torch_default": (nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                      _torch_linear_bias),
+    # Embedding Expansion (MXNet): Xavier(magnitude=2) = U(±sqrt(2 / fan_avg)), bias 0.
+    "xavier_mxnet": (nn.initializers.variance_scaling(2.0 / 3.0, "fan_avg", "uniform"),
+                     lambda fan_in: nn.initializers.zeros),
+}
+
+
+def global_pool(features: jax.Array, *, pooling: str) -> jax.Array:
+    """Pools a feature map [B, H, W, C] over H and W to [B, C] (float32).
+
+    ``'gap'`` mean, ``'gmp'`` max, ``'gap+gmp'`` their sum (Proxy-Anchor's pooling). The whole
+    map is pooled, as adaptive pooling does in the official code.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if features.ndim != 4:
+        raise ValueError(f"features must be [batch, height, width, channels], got {features.shape}")
+    x = features.astype(jnp.float32)
+    pooled = []
+    if "gap" in pooling:
+        pooled.append(jnp.mean(x, axis=(1, 2)))
+    if "gmp" in pooling:
+        pooled.append(jnp.max(x, axis=(1, 2)))
+    return sum(pooled)
+
+
+class EmbeddingModel(nn.Module):
+    """Images [B, H, W, 3] (NHWC, float32, normalized per ``input_normalization``) →
+    embeddings [B, embedding_dim] float32, l2-normalized if ``l2_normalize``.
+
+    Build it with ``create_model``. Besides ``__call__``, ``features`` returns the backbone's
+    feature map [B, h, w, C], ``pooled`` the pooled features [B, C] and ``outputs`` all
+    three stages (use them with ``model.apply(variables, images, method='features')``).
+
+    Attributes:
+      backbone_name: a name of ``proxy_jax.models.BACKBONES``.
+      embedding_dim: D, the output dimension.
+      pooling: 'gap', 'gmp' or 'gap+gmp'.
+      l2_normalize: divide each embedding by its l2 norm (``proxy_jax.losses.l2_normalize``).
+      freeze_bn: BatchNorm uses its running statistics even when ``train=True`` and never
+        updates them, as every seed trains; ``apply`` then needs no mutable collection.
+        With ``freeze_bn=False`` a training ``apply`` needs ``mutable=['batch_stats']``.
+      dtype: computation dtype of the backbone and the linear layer (e.g. jnp.bfloat16);
+        parameters are float32 and the returned embeddings are float32.
+      embedding_init: a key of EMBEDDING_INITS ('kaiming_fan_out' = Proxy-Anchor).
+    """
+
+    backbone_name: str
+    embedding_dim: int
+    pooling: str = "gap"
+    l2_normalize: bool = True
+    freeze_bn: bool = True
+    dtype: Any = jnp.float32
+    embedding_init: str = "kaiming_fan_out"
+
+    def setup(self):
+        spec = get_backbone(self.backbone_name)
+        kernel_init, bias_init = EMBEDDING_INITS[self.embedding_init]
+        self.backbone = spec.factory(freeze_bn=self.freeze_bn, dtype=self.dtype)
+        self.embedding = nn.Dense(self.embedding_dim, kernel_init=kernel_init,
+                                  bias_init=bias_init(spec.num_features), dtype=self.dtype,
+                                  param_dtype=jnp.float32)
+
+    def features(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """The backbone's feature map [B, h, w, C] in ``dtype``."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be [batch, height, width, 3] (NHWC), got {images.shape}")
+        return self.backbone(images, train=train)
+
+    def pooled(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        """The pooled backbone features [B, C], float32."""
+        return global_pool(self.features(images, train=train), pooling=self.pooling)
+
+    def outputs(self, images: jax.Array, *, train: bool = False) -> dict:
+        """Every stage at once: ``{'features': [B, h, w, C] dtype, 'pooled': [B, C] float32,
+        'embeddings': [B, D] float32}`` (what ``__call__`` returns is 'embeddings')."""
+        features = self.features(images, train=train)
+        pooled = global_pool(features, pooling=self.pooling)
+        x = self.embedding(pooled).astype(jnp.float32)
+        if self.l2_normalize:
+            x = losses.l2_normalize(x, axis=-1)
+        return {"features": features, "pooled": pooled, "embeddings": x}
+
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        return self.outputs(images, train=train)["embeddings"]
+
+
+def create_model(*, backbone: str, embedding_dim: int, pooling: str = "gap",
+                 l2_normalize: bool = True, freeze_bn: bool = True, dtype: Any = jnp.float32,
+                 embedding_init: str = "kaiming_fan_out") -> EmbeddingModel:
+    """Builds the embedding model; see EmbeddingModel for the arguments.
+
+    Example:
+      >>> model = create_model(backbone='resnet50', embedding_dim=512, pooling='gap+gmp')
+      >>> variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+      >>> variables = load_pretrained(variables, 'resnet50.npz', 'resnet50')
+      >>> emb = model.apply(variables, images, train=True)   # [B, 512], BN frozen
+
+    Raises:
+      ValueError: an unknown backbone, pooling or embedding_init, or embedding_dim < 1.
+    """
+    get_backbone(backbone)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+    if embedding_init not in EMBEDDING_INITS:
+        raise ValueError(
+            f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got {embedding_init!r}")
+    return EmbeddingModel(backbone_name=backbone, embedding_dim=embedding_dim, pooling=pooling,
+                          l2_normalize=l2_normalize, freeze_bn=freeze_bn, dtype=dtype,
+                          embedding_init=embedding_init)

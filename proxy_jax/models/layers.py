@@ -1,0 +1,160 @@
+"""Building blocks with PyTorch semantics, in NHWC.
+
+The pretrained weights come from PyTorch models, so padding, pooling and BatchNorm follow
+``torch.nn`` exactly (explicit symmetric padding, ``ceil_mode`` pooling, average pooling that
+counts padding); module names follow the PyTorch attribute names so that a state_dict key
+``a.b.weight`` maps to the Flax path ``a/b/kernel`` (see proxy_jax.convert).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = ["Conv", "BatchNorm", "ConvBN", "max_pool", "avg_pool", "conv_init"]
+
+# torchvision initialises its convolutions with kaiming_normal_(mode='fan_out', relu);
+# used for every backbone when it is not loaded from a file.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv(nn.Module):
+    """A torch.nn.Conv2d equivalent on [B, H, W, C_in] → [B, H', W', features].
+
+    Square kernel, explicit symmetric zero padding; parameters 'kernel' [k, k, C_in, features]
+    (HWIO) and, with ``bias``, 'bias' [features], float32 whatever ``dtype`` computes in.
+    Unpadded 1x1 convolutions are computed as a matrix product: XLA's CPU backend runs
+    those (and, above all, their gradients) 2-4x faster as a dot than as a convolution, and
+    they carry most of ResNet-50's FLOPs.
+    """
+
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    bias: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, s, p = self.kernel, self.stride, self.padding
+        kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if k == 1 and p == 0:
+            y = jnp.einsum("bhwc,cd->bhwd", x[:, ::s, ::s] if s > 1 else x, kernel[0, 0])
+        else:
+            y = lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,),
+                               jnp.float32).astype(self.dtype)
+        return y
+
+
+def BatchNorm(*, frozen: bool, eps: float = 1e-5, dtype: Any = jnp.float32,
+              name: str) -> nn.BatchNorm:
+    """A torch.nn.BatchNorm2d equivalent over the channel (last) axis.
+
+    ``frozen=True`` normalizes with the running statistics and never updates them; otherwise
+    it uses batch statistics and updates the running ones with PyTorch's momentum 0.1 (Flax
+    momentum 0.9). Unlike PyTorch, Flax updates the running variance with the biased batch
+    variance; this only matters when BatchNorm is trained, which no seed does.
+    """
+    return nn.BatchNorm(use_running_average=frozen, momentum=0.9, epsilon=eps, dtype=dtype,
+                        param_dtype=jnp.float32, name=name)
+
+
+class ConvBN(nn.Module):
+    """torchvision's ``BasicConv2d``: conv (no bias) → BatchNorm → ReLU.
+
+    Children 'conv' and 'bn', as in torchvision."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    bn_eps: float = 1e-3
+    freeze_bn: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = Conv(self.features, self.kernel, stride=self.stride, padding=self.padding,
+                 dtype=self.dtype, name="conv")(x)
+        x = BatchNorm(frozen=self.freeze_bn or not train, eps=self.bn_eps, dtype=self.dtype,
+                      name="bn")(x)
+        return nn.relu(x)
+
+
+def _pool_geometry(size: int, window: int, stride: int, padding: int, ceil_mode: bool):
+    """PyTorch's pooling output size, and the high-side padding that produces it.
+
+    Mirrors ``pooling_output_shape`` in ATen: with ceil_mode the last window may overhang the
+    padded input, but it must start inside the input or its left padding.
+    """
+    span = size + 2 * padding - window
+    if span < 0:
+        raise ValueError(
+            f"pooling window {window} is larger than the padded input {size + 2 * padding}; "
+            "the input image is too small for this backbone")
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    high = (out - 1) * stride + window - size - padding  # may be < padding (unused) or > it
+    return out, high
+
+
+def _pad_spatial(x: jax.Array, value, pads) -> jax.Array:
+    # lax.pad accepts negative padding, which crops rows a floor-mode pool never reads.
+    config = [(0, 0, 0), (pads[0][0], pads[0][1], 0), (pads[1][0], pads[1][1], 0), (0, 0, 0)]
+    return lax.pad(x, jnp.asarray(value, x.dtype), config)
+
+
+def max_pool(x: jax.Array, *, window: int, stride: int, padding: int = 0,
+             ceil_mode: bool = False) -> jax.Array:
+    """torch.nn.MaxPool2d on [B, H, W, C]: padding with -inf, optional ceil_mode.
+
+    Computed as an elementwise maximum over the window's window² strided slices rather than
+    ``lax.reduce_window``: same values, but XLA's CPU gradient of reduce_window
+    (select-and-scatter) is ~6x slower than the fused selects of this form. Where several
+    inputs tie for the maximum the gradient is shared among them (PyTorch gives it to one);
+    in these networks pooling follows a ReLU, so ties are zeros whose gradient the ReLU
+    discards anyway.
+    """
+    (out_h, pad_h), (out_w, pad_w) = [_pool_geometry(s, window, stride, padding, ceil_mode)
+                                      for s in x.shape[1:3]]
+    x = _pad_spatial(x, -jnp.inf, [(padding, pad_h), (padding, pad_w)])
+    out = None
+    for i in range(window):
+        for j in range(window):
+            tap = lax.slice(x, (0, i, j, 0),
+                            (x.shape[0], i + (out_h - 1) * stride + 1,
+                             j + (out_w - 1) * stride + 1, x.shape[3]),
+                            (1, stride, stride, 1))
+            out = tap if out is None else jnp.maximum(out, tap)
+    return out
+
+
+def avg_pool(x: jax.Array, *, window: int, stride: int, padding: int = 0,
+             ceil_mode: bool = False, count_include_pad: bool = True) -> jax.Array:
+    """torch.nn.AvgPool2d on [B, H, W, C].
+
+    The divisor of each window is PyTorch's: with ``count_include_pad`` it counts the zero
+    padding but not the part of a ceil_mode window that overhangs the padding; without it,
+    only the input pixels.
+    """
+    h, w = x.shape[1:3]
+    pads = [(padding, _pool_geometry(s, window, stride, padding, ceil_mode)[1]) for s in (h, w)]
+    dims, strides = (1, window, window, 1), (1, stride, stride, 1)
+    total = lax.reduce_window(_pad_spatial(x, 0, pads), 0.0, lax.add,
+                              dims, strides, "VALID")
+    if count_include_pad:
+        ones = jnp.ones((1, h + 2 * padding, w + 2 * padding, 1), jnp.float32)
+        mask_pads = [(0, hi - padding) for _, hi in pads]
+    else:
+        ones = jnp.ones((1, h, w, 1), jnp.float32)
+        mask_pads = pads
+    count = lax.reduce_window(_pad_spatial(ones, 0, mask_pads), 0.0, lax.add, dims, strides,
+                              "VALID")
+    return total / count.astype(x.dtype)

@@ -1,0 +1,58 @@
+"""The input normalization each backbone's pretrained weights expect.
+
+It travels with the model name so the data layer (which duck-types this NamedTuple and
+never imports ``proxy_jax.models``) applies the one the weights were trained with.
+"""
+from typing import NamedTuple
+
+__all__ = ["InputNormalization", "input_normalization"]
+
+
+class InputNormalization(NamedTuple):
+    """How to turn uint8 RGB pixels into a backbone's input.
+
+    For a pixel ``p`` in 0..255 (RGB order as decoded):
+    ``x = (p[..., ::-1] if bgr else p) * scale``, then ``x = (x - mean) / std`` per channel.
+    ``mean`` and ``std`` are given in the network's channel order, i.e. after the BGR flip.
+    """
+
+    mean: tuple
+    std: tuple
+    bgr: bool
+    scale: float
+
+
+# torchvision ImageNet models: RGB on [0, 1] with the ImageNet statistics.
+_TORCHVISION = InputNormalization(
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bgr=False, scale=1.0 / 255.0)
+# Cadene pretrainedmodels `bninception` (a Caffe port): BGR on 0..255, mean [104, 117, 128]
+# in BGR order, std 1 (its `pretrained_settings`).
+_BN_INCEPTION = InputNormalization(
+    mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), bgr=True, scale=1.0)
+# tiny_cnn is trained from scratch: centre [0, 1] pixels at 0 with unit-ish range.
+_TINY = InputNormalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), bgr=False, scale=1.0 / 255.0)
+
+_BY_BACKBONE = {
+    "resnet18": _TORCHVISION,
+    "resnet34": _TORCHVISION,
+    "resnet50": _TORCHVISION,
+    "resnet101": _TORCHVISION,
+    # torchvision's pretrained GoogLeNet takes ImageNet-normalized input and re-maps it
+    # itself (transform_input=True, see proxy_jax.models.googlenet).
+    "googlenet": _TORCHVISION,
+    "bn_inception": _BN_INCEPTION,
+    "tiny_cnn": _TINY,
+}
+
+
+def input_normalization(backbone: str) -> InputNormalization:
+    """Returns the InputNormalization the named backbone's weights expect.
+
+    Raises:
+      ValueError: ``backbone`` is not a registered backbone name.
+    """
+    try:
+        return _BY_BACKBONE[backbone]
+    except KeyError:
+        raise ValueError(
+            f"backbone must be one of {sorted(_BY_BACKBONE)}, got {backbone!r}") from None
