@@ -31,6 +31,7 @@ Array = jax.Array
 
 __all__ = [
     "l2_normalize",
+    "log1p_sum_exp",
     "norm_softmax",
     "proxy_nca",
     "proxy_anchor",
@@ -120,8 +121,10 @@ def _softmax_cross_entropy(logits: Array, labels: Array, proxy_mask: Array) -> A
     return jax.nn.logsumexp(logits, axis=1) - label_logit
 
 
-def _log1p_sum_exp(logits: Array, mask: Array, axis: int) -> Array:
+def log1p_sum_exp(logits: Array, mask: Array, axis: int) -> Array:
     """``log(1 + sum(exp(logits[mask])))`` along ``axis``, stable in any precision.
+
+    ``logits`` and the bool ``mask`` broadcast to one shape; the result drops ``axis``.
 
     Computed as a logsumexp with a zero logit appended, as Proxy-Anchor needs: the literal
     form overflows for alpha=32 in float16/bfloat16.
@@ -271,8 +274,8 @@ def proxy_anchor(
     pos_mask = one_hot & valid
     neg_mask = ~one_hot & valid
 
-    pos_per_proxy = _log1p_sum_exp(-alpha * (cos - margin), pos_mask, axis=0)  # [C]
-    neg_per_proxy = _log1p_sum_exp(alpha * (cos + margin), neg_mask, axis=0)  # [C]
+    pos_per_proxy = log1p_sum_exp(-alpha * (cos - margin), pos_mask, axis=0)  # [C]
+    neg_per_proxy = log1p_sum_exp(alpha * (cos + margin), neg_mask, axis=0)  # [C]
     with_pos = jnp.any(pos_mask, axis=0)
     return _masked_mean(pos_per_proxy, with_pos) + _masked_mean(neg_per_proxy, pmask)
 
