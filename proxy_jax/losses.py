@@ -31,6 +31,8 @@ Array = jax.Array
 
 __all__ = [
     "l2_normalize",
+    "check_inputs",
+    "check_labels",
     "log1p_sum_exp",
     "norm_softmax",
     "proxy_nca",
@@ -59,6 +61,12 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
     return x / jnp.maximum(norm, eps)
 
 
+def _normalized_pair(embeddings: Array, proxies: Array) -> tuple[Array, Array]:
+    """Row-normalized embeddings ``[B, D]`` and proxies ``[C, D]`` in the compute dtype."""
+    dtype = _compute_dtype(embeddings, proxies)
+    return l2_normalize(embeddings.astype(dtype)), l2_normalize(proxies.astype(dtype))
+
+
 def _compute_dtype(*arrays: Array):
     """float32, or wider if an input is wider (float64 under jax_enable_x64)."""
     dtype = jnp.float32
@@ -67,35 +75,43 @@ def _compute_dtype(*arrays: Array):
     return dtype
 
 
-def _check_embeddings_labels(embeddings, labels, *, name="embeddings") -> None:
-    if jnp.ndim(embeddings) != 2:
-        raise ValueError(f"{name} must be [batch, dim], got shape {jnp.shape(embeddings)}")
-    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
-        raise ValueError(f"{name} must be a float array, got dtype {jnp.result_type(embeddings)}")
+def check_labels(labels) -> None:
+    """Raises ``ValueError`` unless ``labels`` is a ``[batch]`` integer array."""
     if jnp.ndim(labels) != 1:
         raise ValueError(f"labels must be [batch], got shape {jnp.shape(labels)}")
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}")
+
+
+def check_inputs(embeddings, labels, proxies=None, *, proxy_mask=None, sample_mask=None) -> None:
+    """Validates the arguments of a loss or regularizer at trace time.
+
+    Raises ``ValueError`` naming the argument unless ``embeddings`` is a float ``[B, D]``
+    array, ``labels`` an integer ``[B]`` array, ``proxies`` (when given) a float ``[C, D]``
+    array, and the masks (when given) of shapes ``[C]`` and ``[B]``.
+    """
+    if jnp.ndim(embeddings) != 2:
+        raise ValueError(f"embeddings must be [batch, dim], got shape {jnp.shape(embeddings)}")
+    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
+        raise ValueError(f"embeddings must be a float array, got dtype {jnp.result_type(embeddings)}")
+    check_labels(labels)
     if jnp.shape(labels)[0] != jnp.shape(embeddings)[0]:
         raise ValueError(
-            f"labels has {jnp.shape(labels)[0]} entries but {name} has "
+            f"labels has {jnp.shape(labels)[0]} entries but embeddings has "
             f"{jnp.shape(embeddings)[0]} rows"
         )
-
-
-def _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask) -> None:
-    _check_embeddings_labels(embeddings, labels)
-    if jnp.ndim(proxies) != 2:
-        raise ValueError(f"proxies must be [num_classes, dim], got shape {jnp.shape(proxies)}")
-    if not jnp.issubdtype(jnp.result_type(proxies), jnp.floating):
-        raise ValueError(f"proxies must be a float array, got dtype {jnp.result_type(proxies)}")
-    if jnp.shape(proxies)[1] != jnp.shape(embeddings)[1]:
-        raise ValueError(
-            f"proxies have dim {jnp.shape(proxies)[1]} but embeddings have dim "
-            f"{jnp.shape(embeddings)[1]}"
-        )
+    if proxies is not None:
+        if jnp.ndim(proxies) != 2:
+            raise ValueError(f"proxies must be [num_classes, dim], got shape {jnp.shape(proxies)}")
+        if not jnp.issubdtype(jnp.result_type(proxies), jnp.floating):
+            raise ValueError(f"proxies must be a float array, got dtype {jnp.result_type(proxies)}")
+        if jnp.shape(proxies)[1] != jnp.shape(embeddings)[1]:
+            raise ValueError(
+                f"proxies have dim {jnp.shape(proxies)[1]} but embeddings have dim "
+                f"{jnp.shape(embeddings)[1]}"
+            )
     for mask, name, size in (
-        (proxy_mask, "proxy_mask", jnp.shape(proxies)[0]),
+        (proxy_mask, "proxy_mask", None if proxies is None else jnp.shape(proxies)[0]),
         (sample_mask, "sample_mask", jnp.shape(embeddings)[0]),
     ):
         if mask is not None and jnp.shape(mask) != (size,):
@@ -169,10 +185,8 @@ def norm_softmax(
     Example:
       >>> loss = norm_softmax(jnp.ones((4, 8)), jnp.arange(4), jnp.eye(6, 8), scale=23.0)
     """
-    _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask)
-    dtype = _compute_dtype(embeddings, proxies)
-    x = l2_normalize(embeddings.astype(dtype))
-    p = l2_normalize(proxies.astype(dtype))
+    check_inputs(embeddings, labels, proxies, proxy_mask=proxy_mask, sample_mask=sample_mask)
+    x, p = _normalized_pair(embeddings, proxies)
     logits = scale * (x @ p.T)
     per_sample = _softmax_cross_entropy(
         logits, labels, _as_mask(proxy_mask, proxies.shape[0])
@@ -207,10 +221,8 @@ def proxy_nca(
     Returns:
       The float32 scalar loss.
     """
-    _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask)
-    dtype = _compute_dtype(embeddings, proxies)
-    x = l2_normalize(embeddings.astype(dtype))
-    p = l2_normalize(proxies.astype(dtype))
+    check_inputs(embeddings, labels, proxies, proxy_mask=proxy_mask, sample_mask=sample_mask)
+    x, p = _normalized_pair(embeddings, proxies)
     sq_dist = (
         jnp.sum(x * x, axis=1, keepdims=True)
         + jnp.sum(p * p, axis=1)[None, :]
@@ -260,11 +272,9 @@ def proxy_anchor(
     Returns:
       The float32 scalar loss.
     """
-    _check_proxy_args(embeddings, labels, proxies, proxy_mask, sample_mask)
+    check_inputs(embeddings, labels, proxies, proxy_mask=proxy_mask, sample_mask=sample_mask)
     num_classes = proxies.shape[0]
-    dtype = _compute_dtype(embeddings, proxies)
-    x = l2_normalize(embeddings.astype(dtype))
-    p = l2_normalize(proxies.astype(dtype))
+    x, p = _normalized_pair(embeddings, proxies)
     cos = x @ p.T  # [B, C]
     pmask = _as_mask(proxy_mask, num_classes)
     smask = _as_mask(sample_mask, embeddings.shape[0])
@@ -336,7 +346,7 @@ def hphn_triplet(
     Returns:
       A float32 scalar, or ``[B]`` with ``reduction='none'``.
     """
-    _check_embeddings_labels(embeddings, labels)
+    check_inputs(embeddings, labels)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     n = embeddings.shape[0]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proxy_jax.losses import l2_normalize
+from proxy_jax.losses import check_inputs, l2_normalize
 
 Array = jax.Array
 
@@ -82,19 +82,8 @@ def embedding_expansion(
       >>> x, y = embedding_expansion(emb, labels, num_inner=2)
       >>> loss = hphn_triplet(x, y, num_original=emb.shape[0], reduction='sum')
     """
-    if jnp.ndim(embeddings) != 2:
-        raise ValueError(f"embeddings must be [batch, dim], got shape {jnp.shape(embeddings)}")
-    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
-        raise ValueError(
-            f"embeddings must be a float array, got dtype {jnp.result_type(embeddings)}"
-        )
-    if jnp.ndim(labels) != 1:
-        raise ValueError(f"labels must be [batch], got shape {jnp.shape(labels)}")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}")
+    check_inputs(embeddings, labels)
     batch, dim = embeddings.shape
-    if labels.shape[0] != batch:
-        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has {batch} rows")
     if batch == 0 or batch % 2:
         raise ValueError(
             f"embeddings must hold an even, non-empty batch of (2i, 2i+1) pairs, got {batch} rows"

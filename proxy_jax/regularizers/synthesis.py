@@ -15,42 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proxy_jax.losses import l2_normalize
+from proxy_jax.losses import check_inputs, check_labels, l2_normalize
 
 Array = jax.Array
 
 __all__ = ["proxy_synthesis", "distinct_neighbours"]
-
-
-def _check_labels(labels) -> None:
-    if jnp.ndim(labels) != 1:
-        raise ValueError(f"labels must be [batch], got shape {jnp.shape(labels)}")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise ValueError(f"labels must be integers, got dtype {jnp.result_type(labels)}")
-
-
-def _check_ps_inputs(embeddings, labels, proxies) -> None:
-    if jnp.ndim(embeddings) != 2:
-        raise ValueError(f"embeddings must be [batch, dim], got shape {jnp.shape(embeddings)}")
-    if not jnp.issubdtype(jnp.result_type(embeddings), jnp.floating):
-        raise ValueError(
-            f"embeddings must be a float array, got dtype {jnp.result_type(embeddings)}"
-        )
-    _check_labels(labels)
-    if jnp.shape(labels)[0] != jnp.shape(embeddings)[0]:
-        raise ValueError(
-            f"labels has {jnp.shape(labels)[0]} entries but embeddings has "
-            f"{jnp.shape(embeddings)[0]} rows"
-        )
-    if jnp.ndim(proxies) != 2:
-        raise ValueError(f"proxies must be [num_classes, dim], got shape {jnp.shape(proxies)}")
-    if not jnp.issubdtype(jnp.result_type(proxies), jnp.floating):
-        raise ValueError(f"proxies must be a float array, got dtype {jnp.result_type(proxies)}")
-    if jnp.shape(proxies)[1] != jnp.shape(embeddings)[1]:
-        raise ValueError(
-            f"proxies have dim {jnp.shape(proxies)[1]} but embeddings have dim "
-            f"{jnp.shape(embeddings)[1]}"
-        )
 
 
 def _static_float(mu) -> float:
@@ -147,7 +116,7 @@ def proxy_synthesis(
       >>> x, y, p = proxy_synthesis(key, emb, labels, proxies, alpha=0.4, mu=1.0)
       >>> loss = norm_softmax(x, y, p, scale=23.0)
     """
-    _check_ps_inputs(embeddings, labels, proxies)
+    check_inputs(embeddings, labels, proxies)
     mu = _static_float(mu)
     if not 0.0 <= mu <= 1.0:
         raise ValueError(f"mu must lie in [0, 1], got {mu}")
@@ -223,7 +192,7 @@ def distinct_neighbours(labels: Array, key: Array) -> Array:
     Returns:
       ``[B]`` int32 permutation of ``range(B)``; gather with ``x[perm]``, ``labels[perm]``.
     """
-    _check_labels(labels)
+    check_labels(labels)
     batch = labels.shape[0]
     if batch == 0:
         return jnp.zeros((0,), jnp.int32)
