@@ -21,21 +21,47 @@ forwards, as the official loop does.
 It runs on the *global* batch: call it inside the trainer's data-parallel ``jit`` after the
 embeddings have been gathered (``embed`` may constrain them to the replicated sharding),
 like the other objectives.
+
+The rest of this module puts :func:`dada_update` into the trainer (``proxy_jax.train``):
+a config with a ``dada`` section (:func:`is_dada`) is built by :func:`build` and trained
+by :func:`train_step` (via :func:`make_train_step`), inside the trainer's own loop, mesh,
+checkpoints and evaluation. The train state keeps its fields:
+
+* ``params``: ``{'backbone', 'embedding', 'proxies' [C, D][, 'mix' [1, D]]}`` (the
+  generator; ``'mix'`` only for ``mix_mode='individual'``; the model ignores it);
+* ``opt_state``: the generator's optax state (network and proxy optimizers);
+* ``memory`` (the trainer's slot for state a method carries between steps, checkpointed
+  and shape-checked with the rest): the discriminator side, ``{'disc_params':
+  {'disc'[, 'mix' [2D, D]]}, 'disc_batch_stats', 'disc_opt_state'}``.
+
+Official schedule (Noahsark/DADA ``main.py``): the three optimizers' StepLR / MultiStepLR
+step once per epoch, but only after both the network warm-up (``--warmup``: backbone
+frozen) and the discriminator warm-up (``--d_warmup``: no generator update) are over.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 
+from proxy_jax import config_utils, models, train
+from proxy_jax.objective import Objective
 from proxy_jax.regularizers import dada
 
 Array = jax.Array
 
-__all__ = ["dada_update"]
+__all__ = [
+    "dada_update", "dada_config_section", "base_config", "is_dada", "validate", "game_config",
+    "dada_learning_rate_fn", "make_optimizers", "create_model", "create_dada_state",
+    "make_objective", "build", "DadaPlan", "make_train_step", "train_step",
+]
 
 # Generator parameters that are not the network's.
 _NOT_NET = ("proxies", "mix")
@@ -126,11 +152,20 @@ def dada_update(
     linear = config.mix_mode == "linear"
     keys = jax.random.split(key, d_step + g_step)
 
+    split = jax.vmap(jax.random.split)(keys)  # [forwards, 2, key]
+    draw_keys, dropout_keys = split[:, 0], split[:, 1]
+    if draws is None:
+        # Every forward's Beta variables in one vmapped draw: the same values as one
+        # draw_mixes per key, but one Gamma rejection sampler per kind in the compiled
+        # step instead of one per forward (it dominated the compile time).
+        stacked = jax.vmap(functools.partial(dada.draw_mixes, config=config))(draw_keys)
+    else:
+        stacked = jax.tree.map(lambda *v: jnp.stack([jnp.asarray(x, jnp.float32) for x in v]),
+                               *draws)
+
     def forward_args(k: int):
-        draw_key, dropout_key = jax.random.split(keys[k])
-        step_draws = draws[k] if draws is not None else dada.draw_mixes(draw_key, config=config)
-        return dict(config=config, draws=step_draws, dropout_key=dropout_key,
-                    num_pairs=num_pairs)
+        return dict(config=config, draws=jax.tree.map(lambda v: v[k], stacked),
+                    dropout_key=dropout_keys[k], num_pairs=num_pairs)
 
     def mix_weight(gp, dp):
         return dp.get("mix") if linear else gp.get("mix")
@@ -142,21 +177,26 @@ def dada_update(
     fixed_proxies = jax.lax.stop_gradient(gen_params["proxies"])
 
     # ----------------------------------------------------------- discriminator updates
-    dis_losses = []
-    stats = disc_batch_stats
-    for k in range(d_step):
-        def dis_loss(dp, stats=stats, k=k):
+    # One compiled body for the d_step updates (lax.scan), each with its own draws and
+    # dropout key: unrolled, they multiplied the step's compile time.
+    def dis_update(carry, xs):
+        dp, stats, opt_state = carry
+        step_draws, dropout_key = xs
+
+        def dis_loss(dp):
             terms, new_stats = dada.dada_terms(
                 discriminators, {"params": dp["disc"], "batch_stats": stats}, fixed, labels,
                 fixed_proxies, mix_weight=mix_weight(gen_params, dp), with_proxy_loss=False,
-                **forward_args(k))
+                config=config, draws=step_draws, dropout_key=dropout_key, num_pairs=num_pairs)
             return dada.discriminator_objective(terms, config=config), (new_stats, terms)
 
-        (loss, (stats, dis_terms)), grads = jax.value_and_grad(dis_loss, has_aux=True)(
-            disc_params)
-        updates, disc_opt_state = disc_tx.update(grads, disc_opt_state, disc_params)
-        disc_params = optax.apply_updates(disc_params, updates)
-        dis_losses.append(loss)
+        (loss, (stats, terms)), grads = jax.value_and_grad(dis_loss, has_aux=True)(dp)
+        updates, opt_state = disc_tx.update(grads, opt_state, dp)
+        return (optax.apply_updates(dp, updates), stats, opt_state), (loss, terms.pair_count)
+
+    xs = (jax.tree.map(lambda v: v[:d_step], stacked), dropout_keys[:d_step])
+    (disc_params, stats, disc_opt_state), (dis_losses, pair_counts) = jax.lax.scan(
+        dis_update, (disc_params, disc_batch_stats, disc_opt_state), xs)
 
     # --------------------------------------------------------------- generator updates
     def gen_terms(emb, gp, stats, k):
@@ -206,7 +246,7 @@ def dada_update(
     gen_params, gen_opt_state, stats, aux, gen_loss, terms = result
 
     metrics = {
-        "dis_loss": jnp.mean(jnp.stack(dis_losses)),
+        "dis_loss": jnp.mean(dis_losses),
         "gen_loss": gen_loss,
         "proxy_loss": terms.proxy,
         "domain": terms.domain,
@@ -215,5 +255,485 @@ def dada_update(
     }
     if config.pos_class_mix:
         # From a discriminator forward: those run in the warm-up too.
-        metrics["pair_count"] = dis_terms.pair_count.astype(jnp.float32)
+        metrics["pair_count"] = pair_counts[-1].astype(jnp.float32)
     return gen_params, gen_opt_state, disc_params, stats, disc_opt_state, aux, metrics
+
+
+# =============================================================================== trainer
+# ---------------------------------------------------------------------------- the config
+
+# Schedules of the official trainer (its --scheduler 'step' and 'multi'), or none.
+_SCHEDULES = ("constant", "step_lr", "multistep")
+
+
+def dada_config_section() -> ml_collections.ConfigDict:
+    """The ``config.dada`` section with the official defaults (``parameters.py``).
+
+    Fields (official flag in brackets): every field of
+    :class:`~proxy_jax.regularizers.dada.DadaConfig` (the game), plus
+
+    * ``d_step``, ``g_step``: discriminator / generator updates per batch [d_step 3, g_step 1];
+    * ``d_warmup_epochs``: epochs with discriminator updates only [d_warmup 1];
+    * ``disc_lr``: the discriminators' Adam learning rate, also that of a learned mix
+      weight [loss_adv_classifier_lr 5e-4];
+    * ``disc_weight_decay``: their torch-style L2 penalty [dis_decay 1e-4];
+    * ``layer_norm_head``: end the network with a LayerNorm without affine parameters
+      (the official ``*_layernorm_*`` architectures; set ``model.l2_normalize=False``).
+
+    The rest of a DADA run lives in the usual fields: ``optimizer.backbone_lr`` and
+    ``embedding_lr`` [lr], ``optimizer.weight_decay`` [decay], ``optimizer.proxy_lr``
+    [loss_adv_proxy_lr 0.04, no weight decay], ``optimizer.eps`` (torch's 1e-8),
+    ``optimizer.warmup_epochs`` [warmup], ``optimizer.schedule`` 'step_lr' / 'multistep'
+    with ``decay_rate`` [lr_reduce_rate], ``decay_step`` [lr_reduce_step],
+    ``decay_epochs`` [lr_reduce_multi_steps], ``data.n_instance`` [samples_per_class],
+    ``model.freeze_bn`` ('frozen' in the official arch name). ``loss`` and
+    ``regularizer`` are not used (``regularizer.name`` must stay '').
+    """
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(dada.DadaConfig):
+        section[field.name] = field.default
+    section.d_step = 3
+    section.g_step = 1
+    section.d_warmup_epochs = 1
+    section.disc_lr = 5e-4
+    section.disc_weight_decay = 1e-4
+    section.layer_norm_head = True
+    return section
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """A DADA config with every default of the official ``parameters.py``.
+
+    The official run is ``parameters.py`` defaults overridden by one ``configs/*.yaml``;
+    ``configs/dada_*.py`` start here and set what their yaml file sets. Defaults:
+    ``arch=resnet50_frozen_layernorm_double`` (ImageNet ResNet-50, BatchNorm frozen,
+    GAP + GMP summed, Linear to 512 with torch's default init, LayerNorm without affine,
+    no l2 normalization), ``batch_size=90`` of ``samples_per_class=2``, ``n_epochs=50``,
+    Adam (eps 1e-8) ``lr=1e-4``, ``decay=4e-4``, ``warmup=1`` (backbone frozen),
+    ``d_warmup=1``, StepLR ``lr_reduce_step=5``, ``lr_reduce_rate=0.5`` (milestones
+    [20, 45, 70] for 'multi'), proxies at lr 0.04, discriminators at 5e-4 with
+    ``dis_decay=1e-4``, ``d_step=3``, ``g_step=1``, the game of
+    :class:`~proxy_jax.regularizers.dada.DadaConfig`; base augmentation
+    (RandomResizedCrop(224) + flip; test Resize(256) + CenterCrop(224)); evaluation every
+    epoch.
+    """
+    c = config_utils.base_config()
+    c.name = "dada"
+    c.seed = 0
+    c.num_epochs = 50
+    c.log_every_steps = 20
+    c.data.input_size = 224
+    c.data.resize = 256
+    c.data.crop_scale_min = 0.08
+    c.data.batch_size = 90
+    c.data.n_instance = 2
+    c.data.num_workers = 4
+    c.data.eval_batch_size = 90
+
+    c.model.backbone = "resnet50"
+    c.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50
+    c.model.embedding_dim = 512
+    c.model.pooling = "gap+gmp"
+    c.model.l2_normalize = False
+    c.model.freeze_bn = True
+    c.model.freeze_bn_affine = False
+    c.model.embedding_init = "torch_default"
+
+    c.optimizer.name = "adam"
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 4e-4
+    c.optimizer.backbone_lr = 1e-4
+    c.optimizer.embedding_lr = 1e-4
+    c.optimizer.proxy_lr = 0.04
+    c.optimizer.schedule = "step_lr"
+    c.optimizer.decay_rate = 0.5
+    c.optimizer.decay_step = 5
+    c.optimizer.decay_epochs = (20, 45, 70)
+    c.optimizer.warmup_epochs = 1
+
+    c.eval.every_epochs = 1
+    c.eval.nmi = True  # the official F1 comes with the clustering metrics
+    c.dada = dada_config_section()
+    return c
+
+
+def is_dada(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` is a DADA run (it has a ``dada`` section)."""
+    return "dada" in config
+
+
+def _field_type_ok(value, default) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple):
+        return isinstance(value, (tuple, list)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return True
+
+
+def game_config(config: ml_collections.ConfigDict) -> dada.DadaConfig:
+    """The :class:`~proxy_jax.regularizers.dada.DadaConfig` of ``config.dada``."""
+    names = [f.name for f in dataclasses.fields(dada.DadaConfig)]
+    values = {n: config.dada[n] for n in names}
+    values["class_hidden_dims"] = tuple(values["class_hidden_dims"])
+    try:
+        return dada.DadaConfig(**values)
+    except ValueError as e:
+        raise ValueError(f"config.dada: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks a DADA config: the trainer's schema, the ``dada`` section, what DADA needs.
+
+    Raises:
+      ValueError: naming the field and what was expected.
+    """
+    if not is_dada(config):
+        raise ValueError("config.dada is missing: a DADA config adds "
+                         "proxy_jax.dada_train.dada_config_section() as config.dada")
+    rest = ml_collections.ConfigDict(config.to_dict())
+    del rest["dada"]
+    config_utils.validate(rest)
+    schema, given = dada_config_section(), config.dada
+    for name in given:
+        if name not in schema:
+            raise ValueError(f"config.dada.{name} is not a field of DADA; known fields are "
+                             f"{sorted(schema)}")
+    for name, default in schema.items():
+        if name not in given:
+            raise ValueError(f"config.dada.{name} is missing; build the section with "
+                             "proxy_jax.dada_train.dada_config_section()")
+        if not _field_type_ok(given[name], default):
+            raise ValueError(f"config.dada.{name} must be of type {type(default).__name__}, "
+                             f"got {given[name]!r}")
+    game_config(config)
+    d = config.dada
+    for name in ("d_step", "g_step"):
+        if d[name] < 1:
+            raise ValueError(f"config.dada.{name} must be >= 1, got {d[name]}")
+    for name in ("d_warmup_epochs", "disc_lr", "disc_weight_decay"):
+        if d[name] < 0:
+            raise ValueError(f"config.dada.{name} must be >= 0, got {d[name]}")
+    o = config.optimizer
+    models.get_backbone(config.model.backbone)
+    if config.model.embedding_init not in models.EMBEDDING_INITS:
+        raise ValueError(f"config.model.embedding_init must be one of "
+                         f"{sorted(models.EMBEDDING_INITS)}, got {config.model.embedding_init!r}")
+    if o.schedule not in _SCHEDULES:
+        raise ValueError(f"config.optimizer.schedule must be one of {list(_SCHEDULES)} for "
+                         f"DADA (the official 'step' and 'multi'), got {o.schedule!r}")
+    if o.name != "adam":
+        raise ValueError(f"config.optimizer.name must be 'adam' for DADA (the official "
+                         f"optimizers are torch.optim.Adam), got {o.name!r}")
+    if o.grad_clip_value or o.grad_clip_norm:
+        raise ValueError("config.optimizer.grad_clip_value and grad_clip_norm must be 0 for "
+                         "DADA (the official trainer does not clip)")
+    if config.model.freeze_bn_affine:
+        raise ValueError("config.model.freeze_bn_affine must be False for DADA (the official "
+                         "networks train BatchNorm's scale and bias)")
+    if config.regularizer.name:
+        raise ValueError(f"config.regularizer.name must be '' for DADA (the game is its "
+                         f"regularizer), got {config.regularizer.name!r}")
+    if d.pos_class_mix and config.data.n_instance < 2:
+        raise ValueError(f"config.data.n_instance must be >= 2 with config.dada.pos_class_mix "
+                         f"(it mixes two samples of each class), got {config.data.n_instance}")
+
+
+# ------------------------------------------------------------------ schedules, optimizers
+
+def dada_learning_rate_fn(base_lr: float, optimizer_config, *, delay_epochs: int) -> Callable:
+    """Learning rate as a function of the 0-based *epoch* (jittable), official DADA rule.
+
+    The official loop steps ``StepLR`` / ``MultiStepLR`` after each epoch that is past both
+    warm-ups, so at epoch e they have stepped k = max(0, e − ``delay_epochs``) times:
+
+    * 'constant': ``base_lr``;
+    * 'step_lr' (``--scheduler step``): ``base_lr · rate^⌊k / decay_step⌋``;
+    * 'multistep' (``--scheduler multi``): ``base_lr · rate^#{m ∈ decay_epochs : m ≤ k}``.
+    """
+    o = optimizer_config
+    if o.schedule not in _SCHEDULES:
+        raise ValueError(f"config.optimizer.schedule must be one of {list(_SCHEDULES)}, got "
+                         f"{o.schedule!r}")
+    rate, decay_step = o.decay_rate, o.decay_step
+    milestones = tuple(int(m) for m in o.decay_epochs)
+
+    def fn(epoch):
+        k = jnp.maximum(jnp.asarray(epoch, jnp.int32) - delay_epochs, 0)
+        if o.schedule == "constant":
+            n = jnp.zeros((), jnp.int32)
+        elif o.schedule == "step_lr":
+            n = k // decay_step
+        else:
+            n = sum((k >= m).astype(jnp.int32) for m in milestones)
+        return base_lr * jnp.power(jnp.float32(rate), n.astype(jnp.float32))
+    return fn
+
+
+def make_optimizers(config: ml_collections.ConfigDict, *, steps_per_epoch: int
+                    ) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """DADA's optimizers: ``(gen_tx, disc_tx)`` for the two parameter sets of :func:`dada_update`.
+
+    Official (``main.py``, ``criteria/dadaproxy.py``), all ``torch.optim.Adam`` with
+    L2 weight decay added to the gradient:
+
+    * network ('backbone', 'embedding'): lr ``optimizer.backbone_lr`` /
+      ``embedding_lr``, decay ``optimizer.weight_decay``; the backbone frozen (no update,
+      no decay, no Adam state) during ``optimizer.warmup_epochs``;
+    * 'proxies': lr ``optimizer.proxy_lr``, no decay; an 'individual' 'mix': lr
+      ``dada.disc_lr``, no decay (both the official proxy optimizer);
+    * 'disc': lr ``dada.disc_lr``, decay ``dada.disc_weight_decay``; a 'linear' 'mix':
+      lr ``dada.disc_lr``, no decay (the official discriminator optimizer).
+
+    Every group follows :func:`dada_learning_rate_fn` of the epoch. optax schedules see
+    their own update count, not the trainer's step, so it is mapped back: the
+    discriminators are updated ``d_step`` times every batch, the generator ``g_step``
+    times every batch from epoch ``d_warmup_epochs`` on. The backbone's freeze is counted
+    in generator updates for the same reason.
+    """
+    o, d = config.optimizer, config.dada
+    spe, d_step, g_step, d_warmup = steps_per_epoch, d.d_step, d.g_step, d.d_warmup_epochs
+    delay = max(o.warmup_epochs, d_warmup)
+
+    def gen_epoch(count):  # generator update number -> epoch
+        return (d_warmup * spe + count // g_step) // spe
+
+    def disc_epoch(count):  # discriminator update number -> epoch
+        return count // d_step // spe
+
+    def group(lr, decay, epoch_of, freeze_updates=0):
+        core = optax.scale_by_adam(eps=o.eps)
+        if decay:
+            core = optax.chain(optax.add_decayed_weights(decay), core)
+        if freeze_updates > 0:
+            core = train.freeze_until(core, freeze_updates)
+        schedule = dada_learning_rate_fn(lr, o, delay_epochs=delay)
+        return optax.chain(core, optax.scale_by_learning_rate(lambda c: schedule(epoch_of(c))))
+
+    frozen_updates = max(0, o.warmup_epochs - d_warmup) * spe * g_step
+    gen_tx = optax.multi_transform({
+        "backbone": group(o.backbone_lr, o.weight_decay, gen_epoch, frozen_updates),
+        "embedding": group(o.embedding_lr, o.weight_decay, gen_epoch),
+        "proxies": group(o.proxy_lr, 0.0, gen_epoch),
+        "mix": group(d.disc_lr, 0.0, gen_epoch),
+    }, _top_level_labels)
+    disc_tx = optax.multi_transform({
+        "disc": group(d.disc_lr, d.disc_weight_decay, disc_epoch),
+        "mix": group(d.disc_lr, 0.0, disc_epoch),
+    }, _top_level_labels)
+    return gen_tx, disc_tx
+
+
+def _top_level_labels(params: dict) -> dict:
+    return {name: name for name in params}  # a prefix of the parameter tree
+
+
+# ----------------------------------------------------------------- model, state, objective
+
+def create_model(config: ml_collections.ConfigDict) -> models.EmbeddingModel:
+    """The embedding network of a DADA config (LayerNorm head if ``dada.layer_norm_head``)."""
+    m = config.model
+    return models.create_model(
+        backbone=m.backbone, embedding_dim=m.embedding_dim, pooling=m.pooling,
+        l2_normalize=m.l2_normalize, freeze_bn=m.freeze_bn,
+        dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
+        embedding_init=m.embedding_init, layer_norm=config.dada.layer_norm_head)
+
+
+def create_dada_state(config: ml_collections.ConfigDict, model, *, num_classes: int,
+                      steps_per_epoch: int
+                      ) -> Tuple[train.TrainState, optax.GradientTransformation]:
+    """The initial DADA train state (layout in the module docstring) and ``gen_tx``.
+
+    Network as the trainer initialises it (pretrained backbone if configured), proxies
+    N(0, 1)/8 (:func:`~proxy_jax.regularizers.dada.init_dada_proxies`), discriminators
+    with PyTorch's default initialisation, a learned mix weight xavier-uniform.
+    """
+    game = game_config(config)
+    dim, size = config.model.embedding_dim, config.data.input_size
+    discriminators = dada.make_discriminators(game, num_classes=num_classes)
+    gen_tx, disc_tx = make_optimizers(config, steps_per_epoch=steps_per_epoch)
+
+    @jax.jit  # one compilation for every initialiser (eagerly, each op compiles alone)
+    def initial(key):
+        k_model, k_proxies, k_disc, k_mix, k_train = jax.random.split(key, 5)
+        variables = model.init(k_model, jnp.zeros((1, size, size, 3), jnp.float32),
+                               train=False)
+        x = jnp.zeros((2, dim), jnp.float32)
+        disc_variables = discriminators.init(k_disc, x, x, x, x, train=False)
+        return (variables, dada.init_dada_proxies(k_proxies, num_classes, dim), disc_variables,
+                dada.init_mix_weight(k_mix, mode=game.mix_mode, dim=dim), k_train)
+
+    variables, proxies, disc_variables, mix, k_train = initial(jax.random.PRNGKey(config.seed))
+    variables = dict(variables)
+    if config.model.pretrained:
+        variables = models.load_pretrained(variables, config.model.pretrained,
+                                           config.model.backbone)
+    params = dict(variables["params"])
+    params["proxies"] = proxies
+    disc_params = {"disc": disc_variables["params"]}
+    if game.mix_mode == "individual":
+        params["mix"] = mix
+    elif game.mix_mode == "linear":
+        disc_params["mix"] = mix
+    gen_opt_state, disc_opt_state = jax.jit(lambda p, d: (gen_tx.init(p), disc_tx.init(d)))(
+        params, disc_params)
+    memory = {"disc_params": disc_params,
+              "disc_batch_stats": disc_variables.get("batch_stats", {}),
+              "disc_opt_state": disc_opt_state}
+    state = train.TrainState(
+        step=jnp.zeros([], jnp.int32), params=params,
+        batch_stats=variables.get("batch_stats", {}), opt_state=gen_opt_state,
+        memory=memory, key=k_train)
+    return state, gen_tx
+
+
+def _num_pairs(config) -> Optional[int]:
+    if not config.dada.pos_class_mix:
+        return None
+    return config.data.batch_size // config.data.n_instance
+
+
+def make_objective(config: ml_collections.ConfigDict) -> Objective:
+    """The trainer's :class:`~proxy_jax.objective.Objective` slot for a DADA run.
+
+    Its ``check_batch`` is DADA's batch contract, checked on the host before each step:
+    with ``pos_class_mix`` every batch must hold ``batch // n_instance`` classes of two or
+    more samples (the official ``pair_count``; the compiled step needs it as a constant).
+    Its ``loss_fn`` refuses to run: a DADA run trains with :func:`train_step`, not with
+    ``proxy_jax.train.train_step`` and one loss.
+    """
+    num_pairs = _num_pairs(config)
+
+    def check_batch(labels: np.ndarray) -> None:
+        if num_pairs is None:
+            return
+        _, counts = np.unique(np.asarray(labels), return_counts=True)
+        found = int(np.sum(counts >= 2))
+        if found != num_pairs:
+            raise ValueError(
+                f"DADA with pos_class_mix needs batches of {num_pairs} classes with two or "
+                f"more samples each (config.data.batch_size // config.data.n_instance), got "
+                f"{found}; use the class-balanced sampler (config.data.n_instance >= 2)")
+
+    def loss_fn(*args, **kwargs):
+        raise ValueError("a DADA config trains with proxy_jax.dada_train.train_step "
+                         "(make_train_step), not with proxy_jax.train.train_step")
+
+    return Objective(loss_fn, True, None, check_batch)
+
+
+def build(config: ml_collections.ConfigDict):
+    """``proxy_jax.train``'s run description (``train._Run``) of a DADA config.
+
+    Same mesh, data, sampler and step counts as any run; the DADA model, state, generator
+    optimizer and objective slot.
+    """
+    validate(config)
+    mesh = train.make_mesh(config.num_devices)
+    batch = config.data.batch_size
+    if batch % mesh.devices.size or batch % jax.process_count():
+        raise ValueError(f"config.data.batch_size ({batch}) must be a multiple of the number of "
+                         f"devices ({mesh.devices.size}) and of processes ({jax.process_count()})")
+    data = train.load_data(config)
+    sampler = train.make_train_sampler(config, data.train)
+    steps_per_epoch = train.steps_per_epoch_of(config, sampler)
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else config.num_epochs * steps_per_epoch)
+    model = create_model(config)
+    state, gen_tx = create_dada_state(config, model, num_classes=data.num_classes,
+                                      steps_per_epoch=steps_per_epoch)
+    return train._Run(config, mesh, data, model, make_objective(config), gen_tx,
+                      train.replicate(state, mesh), sampler, steps_per_epoch, total_steps)
+
+
+# ------------------------------------------------------------------------------ the step
+
+class DadaPlan(NamedTuple):
+    """What :func:`train_step` needs besides the trainer's arguments (static)."""
+
+    discriminators: dada.DadaDiscriminators
+    disc_tx: optax.GradientTransformation
+    game: dada.DadaConfig
+    d_step: int
+    g_step: int
+    d_warmup_epochs: int
+    num_pairs: Optional[int]
+
+
+def make_train_step(config: ml_collections.ConfigDict, *, num_classes: int,
+                    steps_per_epoch: int) -> Callable:
+    """:func:`train_step` with the DADA plan of ``config`` bound: it takes the trainer's
+    arguments, ``(state, batch, *, model, tx, objective, steps_per_epoch, freeze_bn,
+    replicated)``, so that ``train.parallelize`` wraps it like ``train.train_step``."""
+    game = game_config(config)
+    _, disc_tx = make_optimizers(config, steps_per_epoch=steps_per_epoch)
+    d = config.dada
+    plan = DadaPlan(dada.make_discriminators(game, num_classes=num_classes), disc_tx, game,
+                    int(d.d_step), int(d.g_step), int(d.d_warmup_epochs), _num_pairs(config))
+    return functools.partial(train_step, plan=plan)
+
+
+def train_step(state: train.TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
+               objective: Objective, steps_per_epoch: int, freeze_bn: bool,
+               replicated=None, plan: DadaPlan) -> Tuple[train.TrainState, dict]:
+    """One DADA batch on the global batch: ``d_step`` discriminator updates, then (after
+    the discriminator warm-up) ``g_step`` generator updates; pure, jit it with
+    ``train.parallelize`` (as ``proxy_jax.train.train_step``).
+
+    The network runs sharded over the mesh; its embeddings are gathered (``replicated``)
+    before the game, so the discriminators' BatchNorm statistics, the mixups and the proxy
+    loss see the whole batch as on one device.
+
+    Args:
+      state: the DADA train state (see the module docstring), replicated.
+      batch: {'image': float32 [B, H, W, 3], 'label': int32 [B]} (B global, sharded).
+      tx: the generator optimizer (:func:`make_optimizers`).
+      objective: unused (the trainer passes its objective slot).
+      plan: the :class:`DadaPlan` (:func:`make_train_step` binds it).
+
+    Returns:
+      The new state and float32 scalar metrics: those of :func:`dada_update`, 'loss' (the
+      generator objective; the discriminators' during the warm-up or when theirs is not
+      finite, so that the trainer's NaN stop watches both players) and 'param_norm'.
+    """
+    del objective
+    key = jax.random.fold_in(state.key, state.step)
+    update_generator = state.step // steps_per_epoch >= plan.d_warmup_epochs
+
+    def embed(net_params):
+        variables = {"params": net_params, "batch_stats": state.batch_stats}
+        if freeze_bn:
+            embeddings = model.apply(variables, batch["image"], train=True)
+            batch_stats = state.batch_stats
+        else:
+            embeddings, updates = model.apply(variables, batch["image"], train=True,
+                                              mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
+        embeddings = embeddings.astype(jnp.float32)
+        if replicated is not None:
+            embeddings = jax.lax.with_sharding_constraint(embeddings, replicated)
+        return embeddings, batch_stats
+
+    side = state.memory
+    (params, opt_state, disc_params, disc_stats, disc_opt_state, batch_stats,
+     metrics) = dada_update(
+        embed, state.params, state.opt_state, side["disc_params"], side["disc_batch_stats"],
+        side["disc_opt_state"], batch["label"], key, gen_tx=tx, disc_tx=plan.disc_tx,
+        discriminators=plan.discriminators, config=plan.game, d_step=plan.d_step,
+        g_step=plan.g_step, update_generator=update_generator, num_pairs=plan.num_pairs)
+    use_gen = update_generator & jnp.isfinite(metrics["dis_loss"])
+    metrics = {**metrics,
+               "loss": jnp.where(use_gen, metrics["gen_loss"], metrics["dis_loss"]),
+               "param_norm": optax.global_norm(params)}
+    memory = {"disc_params": disc_params, "disc_batch_stats": disc_stats,
+              "disc_opt_state": disc_opt_state}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, memory=memory)
+    return new_state, metrics

@@ -1,5 +1,9 @@
 """The embedding model of the seeds: backbone → global pooling → linear → l2 normalization.
 
+DADA's heads (Noahsark/DADA ``architectures/resnet50.py``,
+``arch=resnet50_[frozen_]layernorm_double``) end instead with a LayerNorm without affine
+parameters and no l2 normalization (``l2_normalize=False, layer_norm=True``).
+
 This is the network of Proxy-Anchor (``code/net/*.py``: GAP + GMP summed, ``embedding``
 Linear, ``l2_norm``) and of Proxy Synthesis / MemVir (``net/pooling.py`` GAP or GMP,
 ``net/embedding.py``), and Embedding Expansion's (GAP then Dense).
@@ -65,6 +69,13 @@ def global_pool(features: jax.Array, *, pooling: str) -> jax.Array:
     return sum(pooled)
 
 
+def _layer_norm_without_affine(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """torch.nn.LayerNorm(D, elementwise_affine=False) on [B, D]: biased variance, eps 1e-5."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
 class EmbeddingModel(nn.Module):
     """Images [B, H, W, 3] (NHWC, float32, normalized per ``input_normalization``) →
     embeddings [B, embedding_dim] float32, l2-normalized if ``l2_normalize``.
@@ -84,6 +95,9 @@ class EmbeddingModel(nn.Module):
       dtype: computation dtype of the backbone and the linear layer (e.g. jnp.bfloat16);
         parameters are float32 and the returned embeddings are float32.
       embedding_init: a key of EMBEDDING_INITS ('kaiming_fan_out' = Proxy-Anchor).
+      layer_norm: after the (optional) l2 normalization, a LayerNorm over the D features
+        without scale or bias (eps 1e-5, as ``torch.nn.LayerNorm(D,
+        elementwise_affine=False)`` of DADA's '*_layernorm_*' networks); adds no parameters.
     """
 
     backbone_name: str
@@ -93,6 +107,7 @@ class EmbeddingModel(nn.Module):
     freeze_bn: bool = True
     dtype: Any = jnp.float32
     embedding_init: str = "kaiming_fan_out"
+    layer_norm: bool = False
 
     def setup(self):
         spec = get_backbone(self.backbone_name)
@@ -120,6 +135,8 @@ class EmbeddingModel(nn.Module):
         x = self.embedding(pooled).astype(jnp.float32)
         if self.l2_normalize:
             x = losses.l2_normalize(x, axis=-1)
+        if self.layer_norm:
+            x = _layer_norm_without_affine(x)
         return {"features": features, "pooled": pooled, "embeddings": x}
 
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
@@ -128,7 +145,8 @@ class EmbeddingModel(nn.Module):
 
 def create_model(*, backbone: str, embedding_dim: int, pooling: str = "gap",
                  l2_normalize: bool = True, freeze_bn: bool = True, dtype: Any = jnp.float32,
-                 embedding_init: str = "kaiming_fan_out") -> EmbeddingModel:
+                 embedding_init: str = "kaiming_fan_out",
+                 layer_norm: bool = False) -> EmbeddingModel:
     """Builds the embedding model; see EmbeddingModel for the arguments.
 
     Example:
@@ -150,4 +168,4 @@ def create_model(*, backbone: str, embedding_dim: int, pooling: str = "gap",
             f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got {embedding_init!r}")
     return EmbeddingModel(backbone_name=backbone, embedding_dim=embedding_dim, pooling=pooling,
                           l2_normalize=l2_normalize, freeze_bn=freeze_bn, dtype=dtype,
-                          embedding_init=embedding_init)
+                          embedding_init=embedding_init, layer_norm=layer_norm)

@@ -1,0 +1,315 @@
+"""DADA's train step beside the plain Proxy-Anchor step, in proxy_jax and in official PyTorch.
+
+Both sides: ResNet-50 (BatchNorm frozen) → GAP + GMP → linear 512, CUB-200 shapes (100
+classes, batches of 2 images per class).
+
+* **PA**: the plain Proxy-Anchor step (l2-normalized head, α 32, δ 0.1, AdamW, proxies at
+  100 × lr). proxy_jax: ``train.train_step``; torch: a transcription of the loss.
+* **DADA**: the ``dada_cub200`` recipe (LayerNorm head, pos_class_mix, fd2_bn, fc2_bn,
+  d_step 3, g_step 1, three Adam optimizers), after the warm-ups. proxy_jax:
+  ``dada_train.train_step``; torch: the official loop of Noahsark/DADA ``main.py`` with its
+  ``criteria/dadaproxy.Criterion`` imported unchanged from ``--official`` (a clone of
+  github.com/Noahsark/DADA; the torch DADA row is skipped without it). Per batch the
+  official loop runs the network once under ``no_grad`` (the discriminators' input), then
+  once more with gradients for the generator update; proxy_jax runs it once
+  (``jax.vjp``, its pull-back reused by the generator update).
+* **forward**: the network's forward alone (no gradient), i.e. what the official extra
+  pass costs and proxy_jax saves.
+
+Method as bench/train_step.py: the implementations alternate in blocks (``--steps`` steps
+each); per block the median is kept unless the machine was busy (process CPU time below
+``--min_cpu_share`` of threads × wall, or the 1-minute load above threads + 1); same
+threads for both (``--threads`` pins the process; torch.set_num_threads).
+
+  python bench/dada_step.py                                   # batch 16, 128², ~3 min on 2 cores
+  python bench/dada_step.py --official /path/to/Noahsark+DADA --batch 90 --size 224
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+NUM_CLASSES = 100
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1, help="steps per block and implementation")
+    p.add_argument("--min_cpu_share", type=float, default=0.7)
+    p.add_argument("--official", default=os.path.join(os.path.dirname(ROOT), "scratch",
+                                                      "Noahsark+DADA"),
+                   help="a clone of github.com/Noahsark/DADA (for the torch DADA row)")
+    return p.parse_args()
+
+
+def _batch(args):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
+    labels = np.repeat(rng.permutation(NUM_CLASSES)[:args.batch // 2], 2).astype(np.int32)
+    return images, labels
+
+
+# ------------------------------------------------------------------------------ proxy_jax
+
+def _jax_config(args, dada_recipe):
+    from proxy_jax import config_utils
+
+    if dada_recipe:
+        config = config_utils.load_config_file(os.path.join(ROOT, "configs", "dada_cub200.py"))
+        config.dada.d_warmup_epochs = 0  # time the full step, not the warm-up
+    else:
+        config = config_utils.load_config_file(
+            os.path.join(ROOT, "configs", "cub200_proxy_anchor_resnet50.py"))
+        config.model.embedding_dim = 512
+    config.optimizer.warmup_epochs = 0
+    config.model.backbone, config.model.pretrained = "resnet50", ""
+    config.model.pooling = "gap+gmp"
+    config.data.input_size = config.data.resize = args.size
+    config.data.batch_size = args.batch
+    config.num_devices = 1
+    return config
+
+
+def _jax_steps(args):
+    import jax
+    import numpy as np
+
+    from proxy_jax import dada_train, objective as objective_lib, train
+
+    mesh = train.make_mesh(1)
+    images, labels = _batch(args)
+    batch = train.shard_batch({"image": images, "label": labels}, mesh)
+    steps = {}
+
+    # Plain Proxy-Anchor.
+    config = _jax_config(args, dada_recipe=False)
+    model = train.create_model(config)
+    objective = objective_lib.make_objective(config, num_classes=NUM_CLASSES,
+                                             global_batch_size=args.batch)
+    state, tx = train.create_train_state(
+        config, model, objective,
+        lambda params, _: train.make_optimizer(config, train.param_labels(params),
+                                               steps_per_epoch=100), num_classes=NUM_CLASSES)
+    pa = train.parallelize(train.train_step, mesh, model=model, tx=tx, objective=objective,
+                           steps_per_epoch=100, freeze_bn=True)
+    holder = {"pa": train.replicate(state, mesh)}
+
+    def run_pa():
+        holder["pa"], metrics = pa(holder["pa"], batch)
+        jax.block_until_ready(metrics["loss"])
+    steps["PA"] = run_pa
+
+    # DADA.
+    config = _jax_config(args, dada_recipe=True)
+    model = dada_train.create_model(config)
+    state, gen_tx = dada_train.create_dada_state(config, model, num_classes=NUM_CLASSES,
+                                                 steps_per_epoch=100)
+    step_fn = dada_train.make_train_step(config, num_classes=NUM_CLASSES, steps_per_epoch=100)
+    dada = train.parallelize(step_fn, mesh, model=model, tx=gen_tx,
+                             objective=dada_train.make_objective(config), steps_per_epoch=100,
+                             freeze_bn=True)
+    variables = jax.device_get({"params": {k: v for k, v in state.params.items()
+                                           if k != "proxies"},
+                                "batch_stats": state.batch_stats})  # a copy: the state is donated
+    holder["dada"] = train.replicate(state, mesh)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=True))
+
+    def run_dada():
+        holder["dada"], metrics = dada(holder["dada"], batch)
+        jax.block_until_ready(metrics["loss"])
+        assert np.isfinite(float(metrics["gen_loss"])) and float(metrics["gen_loss"]) != 0.0
+
+    def run_forward():
+        jax.block_until_ready(forward(variables, batch["image"]))
+    steps["DADA"] = run_dada
+    steps["forward"] = run_forward
+    return steps
+
+
+# ---------------------------------------------------------------------------------- torch
+
+class _TorchNet:
+    """torchvision ResNet-50 (BatchNorm frozen) → GAP + GMP → Linear(2048, 512) → head."""
+
+    def __init__(self, head):
+        import torch
+        import torchvision
+
+        resnet = torchvision.models.resnet50()
+        self.body = torch.nn.Sequential(*list(resnet.children())[:-2])
+        for m in self.body.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+        self.linear = torch.nn.Linear(2048, 512)
+        self.head = head
+
+    def parameters(self):
+        return list(self.body.parameters()) + list(self.linear.parameters())
+
+    def __call__(self, x):
+        f = self.body(x)
+        return self.head(self.linear(f.mean((2, 3)) + f.amax((2, 3))))
+
+
+def _torch_steps(args):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    images, labels = _batch(args)
+    x = torch.tensor(images).permute(0, 3, 1, 2).contiguous()
+    y = torch.tensor(labels, dtype=torch.long)
+    steps = {}
+
+    # Plain Proxy-Anchor (transcribed: logsumexp with a zero appended, as proxy_jax).
+    net = _TorchNet(lambda z: F.normalize(z, dim=1))
+    proxies = torch.nn.Parameter(torch.randn(NUM_CLASSES, 512) * (2.0 / NUM_CLASSES) ** 0.5)
+    opt = torch.optim.AdamW([{"params": net.parameters(), "lr": 1e-4},
+                             {"params": [proxies], "lr": 1e-2}], weight_decay=1e-4)
+
+    def run_pa():
+        cos = net(x) @ F.normalize(proxies, dim=1).T
+        pos = F.one_hot(y, NUM_CLASSES).bool()
+        zero = torch.zeros(1, NUM_CLASSES)
+        pos_lse = torch.logsumexp(torch.cat([torch.where(pos, -32 * (cos - 0.1), -torch.inf),
+                                             zero]), 0)
+        neg_lse = torch.logsumexp(torch.cat([torch.where(~pos, 32 * (cos + 0.1), -torch.inf),
+                                             zero]), 0)
+        with_pos = pos.any(0)
+        loss = pos_lse[with_pos].sum() / with_pos.sum() + neg_lse.sum() / NUM_CLASSES
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    steps["PA"] = run_pa
+
+    lnorm = torch.nn.LayerNorm(512, elementwise_affine=False)
+    dnet = _TorchNet(lnorm)
+
+    def run_forward():
+        with torch.no_grad():
+            dnet(x)
+    steps["forward"] = run_forward
+
+    if not os.path.isdir(os.path.join(args.official, "criteria")):
+        print(f"no official DADA clone at {args.official}: torch DADA row skipped")
+        return steps
+    sys.path.insert(0, args.official)
+    from criteria import dadaproxy  # the official criterion, unchanged
+
+    # parameters.py defaults + configs/cub200.yaml.
+    opt_ns = types.SimpleNamespace(
+        n_classes=NUM_CLASSES, embed_dim=512, mix_alpha=3.0, mix_beta=0.5,
+        loss_oproxy_pos_alpha=40.0, loss_oproxy_neg_alpha=100.0, loss_oproxy_pos_delta=0.1,
+        loss_oproxy_neg_delta=-0.1, proxy_init_mode="norm", loss_adv_proxy_lr=0.04,
+        active_func="relu", dropout=0.5, fd_fc1_dim=512, fc_fc1_dim=512, fc_fc2_dim=128,
+        fd2_bn=True, fc2_bn=True, loss_adv_classifier_lr=5e-4, dis_decay=4e-4,
+        mix_mode="random", pos_class_mix=True, samples_per_class=2, device=torch.device("cpu"),
+        oproxy_ratio=0.0075, dis_gamma=1.0, d_dis_ratio=0.005, d_discrepancy_ratio=0.5,
+        normal=True, mix_extension=False, shift_scale=1.0, dis_mode="nwd", save_results=False,
+        proxy_dim=0)
+    criterion = dadaproxy.Criterion(opt_ns)
+    criterion.train()
+    optimizer = torch.optim.Adam([{"params": dnet.parameters(), "lr": 1.2e-4,
+                                   "weight_decay": 1e-4}])
+    dis_optimizer = torch.optim.Adam(criterion.dis_optim_dict_list)
+    proxy_optimizer = torch.optim.Adam(criterion.proxy_optim_dict_list)
+
+    def run_dada():  # the official main.py loop body, d_step 3, g_step 1, after warm-up
+        with torch.no_grad():
+            emb = dnet(x)
+        for _ in range(3):
+            dis_optimizer.zero_grad()
+            criterion.discriminator_forward(batch=emb, labels=y).backward()
+            dis_optimizer.step()
+        optimizer.zero_grad()
+        proxy_optimizer.zero_grad()
+        emb = dnet(x)
+        loss = criterion(batch=emb, labels=y, batch_t=emb)
+        loss.backward()
+        proxy_optimizer.step()
+        optimizer.step()
+        assert np.isfinite(float(loss))
+    steps["DADA"] = run_dada
+    return steps
+
+
+def _block(fn, steps, threads, min_cpu_share):
+    times, busy = [], False
+    for _ in range(steps):
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        times.append(wall)
+        busy |= cpu < min_cpu_share * threads * wall or os.getloadavg()[0] > threads + 1
+    return statistics.median(times), busy
+
+
+if __name__ == "__main__":
+    args = _parse()
+    if args.batch % 2:
+        raise ValueError(f"--batch must be even (2 images per class), got {args.batch}")
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import jax
+
+    print(f"devices: {jax.devices()}  threads: {args.threads}  batch {args.batch}, "
+          f"{args.size}x{args.size}; load {os.getloadavg()}")
+    impls = {f"proxy_jax {k}": v for k, v in _jax_steps(args).items()}
+    impls.update({f"torch {k}": v for k, v in _torch_steps(args).items()})
+    for name, fn in impls.items():  # compile / warm up
+        t0 = time.perf_counter()
+        fn()
+        print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
+    kept = {n: [] for n in impls}
+    allb = {n: [] for n in impls}
+    dropped = 0
+    for b in range(args.blocks):
+        results = {n: _block(fn, args.steps, args.threads, args.min_cpu_share)
+                   for n, fn in impls.items()}
+        busy = any(r[1] for r in results.values())
+        dropped += busy
+        for n, (t, _) in results.items():
+            allb[n].append(t)
+            if not busy:
+                kept[n].append(t)
+        print(f"block {b}: " + ", ".join(f"{n} {t:.2f} s" for n, (t, _) in results.items())
+              + ("  (busy: dropped)" if busy else "") + f"  load {os.getloadavg()[0]:.1f}")
+    use = kept if all(kept.values()) else allb
+    note = "" if all(kept.values()) else "  (every block was busy: medians of all blocks)"
+    med = {n: statistics.median(v) for n, v in use.items()}
+
+    def cell(side, what):
+        return f"{med[f'{side} {what}']:.3f}" if f"{side} {what}" in med else "n/a"
+
+    def ratio(side, num, den):
+        a, b = f"{side} {num}", f"{side} {den}"
+        return f"{med[a] / med[b]:.2f}×" if a in med and b in med else "n/a"
+
+    print()
+    print(f"| ResNet-50, batch {args.batch}, {args.size}², CPU {args.threads} threads "
+          "| proxy_jax s/step | torch s/step |")
+    print("|---|---|---|")
+    print(f"| Proxy-Anchor step | {cell('proxy_jax', 'PA')} | {cell('torch', 'PA')} |")
+    print(f"| DADA step (d_step 3, g_step 1) | {cell('proxy_jax', 'DADA')} | "
+          f"{cell('torch', 'DADA')} |")
+    print(f"| network forward alone (the official extra pass) | "
+          f"{cell('proxy_jax', 'forward')} | {cell('torch', 'forward')} |")
+    print(f"| DADA / Proxy-Anchor | {ratio('proxy_jax', 'DADA', 'PA')} | "
+          f"{ratio('torch', 'DADA', 'PA')} |")
+    print(f"| forwards per DADA step | 1 (vjp reused) | 2 (no_grad + grad) |")
+    print(f"blocks kept {args.blocks - dropped}/{args.blocks}{note}; load {os.getloadavg()}")

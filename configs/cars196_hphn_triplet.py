@@ -1,0 +1,80 @@
+"""HPHN triplet on Cars196 with GoogLeNet, 512-d (Embedding Expansion repository, no EE).
+
+Seed command (clovaai/embedding-expansion README, "HPHN-triplet (n_inner_points=0)")::
+
+  python3 main.py --gpu_idx=0 --data_name=cars196 \
+    --backbone=googlenet --embed_dim=512 \
+    --loss=hphn_triplet --n_inner_pts=0 --ee_l2norm=True \
+    --seed=0 --batch_size=128 --image_size=227 \
+    --optim=adam --lr=0.0001 --lr_decay_factor=0.5 --lr_decay_epochs=400,800,1200,1600 \
+    --epochs=4000 --eval_epoch_term=5 --save_dir=results/inner-0
+
+Defaults of its main.py that the command keeps, and what they mean here:
+
+* margin 1e-5: main.py passes ``--margin`` (default 1e-5) to HPHNTripletLoss, whose own
+  default 0.2 is therefore never used; soft_margin False (hard-coded).
+* num_instances 32: class-balanced batches of 4 classes × 32 images; an "epoch" is
+  32 × 98 images, i.e. 24 steps of 128 (steps_per_epoch=24), so 4000 epochs = 96,000 steps.
+* Adam (MXNet: eps 1e-8, weight decay 5e-4 added to the gradient), one learning rate for
+  all parameters (base_lr_mult 1.0), ×0.5 once the step count passes 400, 800, 1200, 1600
+  epochs (MultiFactorScheduler).
+* The trainer back-propagates the sum of the per-anchor losses (reduction 'sum').
+* MXNet Gluon runs BatchNorm in training mode under autograd.record: freeze_bn=False.
+* Embedding layer Xavier(magnitude=2), bias 0; GAP; l2-normalized output.
+
+Differences that remain: the official train augmentation is Random2DTranslation (resize to
+1.125× and a random 227 crop, or a plain resize, p=0.5) + flip and the test transform a
+square resize to 227; proxy_jax's transforms are RandomResizedCrop(227) + flip and
+Resize(227) + CenterCrop(227). The official GoogLeNet is gluoncv's, proxy_jax's torchvision's.
+
+Published: no HPHN-only number in the README text (its figure plots the curve).
+"""
+
+from proxy_jax import config_utils
+
+
+def get_config():
+    config = config_utils.base_config()
+    config.name = "cars196_hphn_triplet"
+    config.seed = 0
+    config.num_epochs = 4000
+    config.steps_per_epoch = 24  # 32 instances × 98 classes / batch 128
+    config.log_every_steps = 10
+
+    config.data.dataset = "cars196"
+    config.data.root = "./data/CARS_196"
+    config.data.input_size = 227
+    config.data.resize = 227
+    config.data.batch_size = 128
+    config.data.n_instance = 32
+    config.data.num_workers = 10
+    config.data.eval_batch_size = 128
+
+    config.model.backbone = "googlenet"
+    config.model.embedding_dim = 512
+    config.model.pooling = "gap"
+    config.model.l2_normalize = True
+    config.model.freeze_bn = False
+    config.model.embedding_init = "xavier_mxnet"
+    config.model.pretrained = "googlenet.npz"  # python -m proxy_jax.convert --arch googlenet
+
+    config.loss.name = "hphn_triplet"
+    config.loss.margin = 1e-5
+    config.loss.soft_margin = False
+    config.loss.reduction = "sum"
+
+    config.regularizer.name = ""
+
+    config.optimizer.name = "adam"
+    config.optimizer.eps = 1e-8
+    config.optimizer.weight_decay = 5e-4
+    config.optimizer.backbone_lr = 1e-4
+    config.optimizer.embedding_lr = 1e-4
+    config.optimizer.proxy_lr = 0.0  # no proxies
+    config.optimizer.schedule = "multistep"
+    config.optimizer.decay_rate = 0.5
+    config.optimizer.decay_epochs = (400, 800, 1200, 1600)
+
+    config.eval.every_epochs = 5
+    config.eval.ks = (1, 2, 4, 8)
+    return config

@@ -1,0 +1,43 @@
+"""DADA (Proxy-Anchor form) on Cars196 with ResNet-50, 512-d.
+
+Seed command (Noahsark/DADA README, with the Cars196 config)::
+
+  python main.py --source_path ../dml_data --save_path ../Results \
+    --config ./configs/cars.yaml --gpu 0
+
+``configs/cars.yaml`` on top of the ``parameters.py`` defaults
+(``proxy_jax.dada_train.base_config``): n_epochs 60, fd2_bn, d_dis_ratio 0.01, decay 1e-4,
+lr 1.2e-4, lr_reduce_step 10 (rate 0.5), mix_alpha 2, mix_beta 1, oproxy_ratio 0.0075,
+warmup 5 (backbone frozen for 5 epochs); batch 90, 2 images per class; evaluation
+Recall@{1,2,4}, F1, MAP@R. Architecture ``resnet50_frozen_layernorm_double``.
+Not reproduced: ``augmentation: auto`` (torchvision AutoAugment before the crop);
+proxy_jax's train transform is the base RandomResizedCrop + flip.
+
+Published: the official README publishes no number (the paper's tables are not restated).
+"""
+
+from proxy_jax import dada_train
+
+
+def get_config():
+    config = dada_train.base_config()
+    config.name = "dada_cars196"
+    config.num_epochs = 60
+    config.data.dataset = "cars196"
+    config.data.root = "./data/CARS_196"
+
+    config.optimizer.backbone_lr = 1.2e-4
+    config.optimizer.embedding_lr = 1.2e-4
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.decay_step = 10
+    config.optimizer.warmup_epochs = 5
+
+    d = config.dada
+    d.domain_final_bn = True  # fd2_bn
+    d.d_dis_ratio = 0.01
+    d.mix_alpha = 2.0
+    d.mix_beta = 1.0
+    d.oproxy_ratio = 0.0075
+
+    config.eval.ks = (1, 2, 4)
+    return config

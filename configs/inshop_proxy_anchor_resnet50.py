@@ -1,0 +1,22 @@
+"""Proxy-Anchor on In-shop Clothes Retrieval with ResNet-50, 512-d (no official command).
+
+The Proxy-Anchor README gives no ResNet-50 command for In-shop and publishes no ResNet-50
+In-shop number. This config is the In-shop BN-Inception command with only the model
+changed::
+
+  python train.py --gpu-id 0 --loss Proxy_Anchor --model resnet50 \
+    --embedding-size 512 --batch-size 180 --lr 6e-4 --dataset Inshop \
+    --warm 1 --bn-freeze 0 --lr-decay-step 20 --lr-decay-gamma 0.25
+
+Published: none in the official README.
+"""
+
+from proxy_jax import config_utils
+
+
+def get_config():
+    config = config_utils.load_sibling(__file__, "inshop_proxy_anchor_bn_inception").get_config()
+    config.name = "inshop_proxy_anchor_resnet50"
+    config.model.backbone = "resnet50"
+    config.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50
+    return config

@@ -1,0 +1,63 @@
+"""proxy_jax entry point: train and evaluate a config, evaluate a checkpoint, or embed a folder.
+
+  python main.py                                   # train + evaluate configs/default.py
+  python main.py --config=configs/cars196_ps_norm_softmax.py --config.data.root=/data/carDB
+  python main.py --config=... --mode=evaluate      # metrics + pictures of the best checkpoint
+  python main.py --config=... --mode=embed --embed_folder=imgs/ --embed_output=emb.npz
+
+``--config.x.y=value`` overrides any field (an unknown field or a wrong type is an error
+naming it). The workdir defaults to ./workdir/<config.name>; running the same command again
+resumes from its latest checkpoint.
+"""
+
+import logging as std_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, logs and pictures (default "
+                    "./workdir/<config.name>).")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "embed"],
+                  "train: train and evaluate; evaluate: evaluate the best checkpoint; embed: "
+                  "write embeddings of --embed_folder.")
+flags.DEFINE_string("embed_folder", None, "Images to embed (class folders or a flat folder).")
+flags.DEFINE_string("embed_output", None, "Output .npz of --mode=embed (default "
+                    "<workdir>/embeddings.npz).")
+FLAGS = flags.FLAGS
+
+
+class _QuietOrbax:
+    """Drops orbax's per-save INFO lines (dozens per checkpoint); warnings pass."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    from proxy_jax import train  # after flag parsing: keeps --help fast
+
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join("workdir", config.name)
+    if FLAGS.mode == "train":
+        metrics = train.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == "evaluate":
+        metrics = train.evaluate_checkpoint(config, workdir)
+    else:
+        if not FLAGS.embed_folder:
+            raise app.UsageError("--mode=embed needs --embed_folder")
+        output = FLAGS.embed_output or os.path.join(workdir, "embeddings.npz")
+        metrics = train.embed_folder(config, workdir, FLAGS.embed_folder, output)
+    logging.info("done: %s", metrics)
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,199 @@
+"""configs/*.py: every config validates, builds and trains one step on tiny shapes; bad
+configs and bad overrides fail naming the field."""
+
+import glob
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from proxy_jax import config_utils, train
+from proxy_jax.data import embedded, pipeline, transforms
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+NAMES = [os.path.splitext(os.path.basename(p))[0] for p in CONFIGS]
+
+SEED_CONFIGS = {
+    "cars196_norm_softmax", "cars196_ps_norm_softmax", "cars196_memvir_norm_softmax",
+    "cars196_proxy_nca", "cars196_ps_proxy_nca", "cars196_memvir_proxy_nca",
+    "cub200_proxy_anchor_bn_inception", "cub200_proxy_anchor_resnet50",
+    "cars196_proxy_anchor_bn_inception", "cars196_proxy_anchor_resnet50",
+    "sop_proxy_anchor_bn_inception", "sop_proxy_anchor_resnet50",
+    "inshop_proxy_anchor_bn_inception", "inshop_proxy_anchor_resnet50",
+    "cars196_hphn_triplet", "cars196_ee_hphn_triplet",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache: configs that share a network compile it once."""
+    from jax._src import compilation_cache as cc  # reset: the cache reads its dir once
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: jax.config.values[n] for n in names}
+    cc.reset_cache()
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return embedded.ensure_embedded_dataset(
+        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
+        images_per_class=6, image_size=16)
+
+
+def test_every_seed_command_has_a_config():
+    assert SEED_CONFIGS | {"default"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
+def test_config_is_valid_and_documented(path):
+    config = config_utils.load_config_file(path)
+    if "dada" in config:  # DADA configs have their own schema (proxy_jax.dada_train)
+        from proxy_jax import dada_train
+
+        dada_train.validate(config)
+    else:
+        config_utils.validate(config)
+    name = os.path.splitext(os.path.basename(path))[0]
+    assert config.name == name
+    module = config_utils._load_module(path)
+    doc = module.__doc__ or ""
+    if name != "default":
+        assert "Published" in doc, "the docstring must state the published number (or none)"
+        assert "--" in doc and ("train.py" in doc or "main.py" in doc), "seed command missing"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
+def test_config_trains_one_step_on_tiny_shapes(path, tiny_root):
+    config = config_utils.load_config_file(path)
+    # Tiny shapes: the real loss, regularizer, optimizer, schedule, warm-up, BatchNorm mode,
+    # pooling and initialisations of the config; only the network and the data shrink.
+    config.data.dataset, config.data.root = "folder", tiny_root
+    config.data.input_size = config.data.resize = 16
+    config.data.batch_size = 8
+    config.data.n_instance = min(config.data.n_instance, 2)
+    config.data.num_workers = 0
+    config.model.backbone, config.model.pretrained = "tiny_cnn", ""
+    config.model.embedding_dim = 8
+    config.num_devices = 1
+    run = train._build(config)
+    loader = pipeline.make_loader(
+        run.data.train, batch_size=8, sampler=run.sampler,
+        transform=transforms.train_transform(16, run.data.normalization), num_workers=0,
+        seed=0)
+    batch = next(loader)
+    run.objective.check_batch(np.asarray(batch["label"]))
+    step = train.parallelize(train.step_function(run), run.mesh, model=run.model, tx=run.tx,
+                             objective=run.objective, steps_per_epoch=run.steps_per_epoch,
+                             freeze_bn=config.model.freeze_bn)
+    state, metrics = step(run.state, train.shard_batch(batch, run.mesh))
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1
+
+
+def _bad(config, **changes):
+    for path, value in changes.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"data.dataset": "imagenet"}, "config.data.dataset must be one of"),
+    ({"model.pooling": "avg"}, "config.model.pooling must be one of"),
+    ({"data.batch_size": 0}, "config.data.batch_size must be > 0"),
+    ({"data.batch_size": 6, "data.n_instance": 4}, "multiple of config.data.n_instance"),
+    ({"optimizer.name": "sgd"}, "config.optimizer.name must be one of"),
+    ({"eval.ks": (0, 1)}, "config.eval.ks"),
+])
+def test_validate_names_the_bad_field(changes, message):
+    config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))
+    with pytest.raises(ValueError, match=message):
+        config_utils.validate(_bad(config, **changes))
+
+
+def test_validate_rejects_unknown_missing_and_mistyped_fields():
+    config = config_utils.base_config()
+    config.data.dataset = "embedded"
+    config.model.dropout = 0.5
+    with pytest.raises(ValueError, match=r"config.model.dropout is not a field"):
+        config_utils.validate(config)
+    config = config_utils.base_config()
+    config.data.dataset = "embedded"
+    del config.loss["scale"]
+    with pytest.raises(ValueError, match=r"config.loss.scale is missing"):
+        config_utils.validate(config)
+    config = config_utils.base_config()
+    config.data.dataset = "embedded"
+    config.unlock()
+    with config.ignore_type():
+        config.data.batch_size = "128"
+    with pytest.raises(ValueError, match=r"config.data.batch_size must be of type int"):
+        config_utils.validate(config)
+
+
+def test_registry_names_are_checked_before_reading_data():
+    config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))
+    config.data.dataset, config.data.root = "folder", "/nonexistent"  # names fail first
+    config.model.backbone = "vgg16"
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        train._build(config)
+    config.model.backbone, config.loss.name = "tiny_cnn", "arcface"
+    with pytest.raises(ValueError, match="config.loss.name must be one of"):
+        train._build(config)
+    config.loss.name, config.optimizer.schedule = "norm_softmax", "cosine"
+    with pytest.raises(ValueError, match="config.optimizer.schedule must be one of"):
+        train._build(config)
+
+
+def _parse(*args):
+    """Parses main.py-style flags with a fresh FlagValues (as main.py defines --config)."""
+    values = flags.FlagValues()
+    default = os.path.join(REPO, "configs", "default.py")
+    config_flags.DEFINE_config_file("config", default, flag_values=values, lock_config=True)
+    if not any(a.startswith("--config=") for a in args):
+        args = ("--config=" + default, *args)
+    argv = ["main.py", *args]
+    saved, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv
+    try:
+        values(argv)
+    finally:
+        sys.argv = saved
+    return values.config
+
+
+def test_command_line_overrides():
+    config = _parse("--config.data.batch_size=32", "--config.loss.scale=8",
+                    "--config.eval.ks=(1,5)")
+    assert config.data.batch_size == 32 and config.loss.scale == 8.0
+    assert tuple(config.eval.ks) == (1, 5)
+    config = _parse("--config=" + os.path.join(REPO, "configs", "cars196_ps_norm_softmax.py"),
+                    "--config.data.root=/data/carDB")
+    config_utils.validate(config)
+    assert config.regularizer.name == "ps" and config.data.root == "/data/carDB"
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--config.data.batchsize=32", "batchsize"),
+    ("--config.data.batch_size=many", "batch_size"),
+    ("--config.model.freeze_bn=maybe", "freeze_bn"),
+])
+def test_bad_overrides_name_the_key(arg, message):
+    with pytest.raises(Exception, match=message):
+        _parse(arg)

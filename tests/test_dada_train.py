@@ -1,0 +1,298 @@
+"""proxy_jax.dada_train in the trainer: the LayerNorm head, the official schedules of the
+three optimizers, the DADA step on 1 and 8 devices, exact resume, and one step of every
+DADA config on tiny shapes."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from proxy_jax import config_utils, dada_train, models, train
+from proxy_jax.data import embedded, pipeline, transforms
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DADA_CONFIGS = ("dada_cub200", "dada_cars196", "dada_sop", "dada_inshop")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache: the tiny dada_cub200 step is compiled once for
+    the config, device-count and resume tests. Speed only."""
+    from jax._src import compilation_cache as cc  # reset: the cache reads its dir once
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: jax.config.values[n] for n in names}
+    cc.reset_cache()
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return embedded.ensure_embedded_dataset(
+        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
+        images_per_class=6, image_size=16)
+
+
+def tiny_config(name, root, **changes):
+    """The config ``name`` with its real game, optimizers, schedule, warm-ups and BatchNorm
+    mode; only the network (tiny_cnn, D = 8) and the data (16 px, batch 8) shrink."""
+    c = config_utils.load_config_file(os.path.join(REPO, "configs", name + ".py"))
+    c.data.dataset, c.data.root = "folder", root
+    c.data.input_size = c.data.resize = 16
+    c.data.batch_size = 8
+    c.data.eval_batch_size = 16
+    c.data.num_workers = 0
+    c.model.backbone, c.model.pretrained = "tiny_cnn", ""
+    c.model.embedding_dim = 8
+    c.num_devices = 1
+    c.log_every_steps = 1
+    c.eval.nmi = False
+    c.eval.num_queries = 0
+    c.eval.map_points = 0
+    for path, value in changes.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _step_fn(run):
+    fn = dada_train.make_train_step(run.config, num_classes=run.data.num_classes,
+                                    steps_per_epoch=run.steps_per_epoch)
+    return train.parallelize(fn, run.mesh, model=run.model, tx=run.tx, objective=run.objective,
+                             steps_per_epoch=run.steps_per_epoch,
+                             freeze_bn=run.config.model.freeze_bn)
+
+
+# ---------------------------------------------------------------------------- the head
+
+def test_layer_norm_head_is_torch_layernorm_without_affine():
+    torch = pytest.importorskip("torch")
+    model = models.create_model(backbone="tiny_cnn", embedding_dim=6, l2_normalize=False,
+                                layer_norm=True)
+    plain = models.create_model(backbone="tiny_cnn", embedding_dim=6, l2_normalize=False)
+    images = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 3))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
+    # No parameters added: the same variables drive the model without the head.
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        jax.eval_shape(plain.init, jax.random.PRNGKey(0), images))
+    default = models.create_model(backbone="tiny_cnn", embedding_dim=6)
+    z, out, l2 = jax.jit(lambda v, x: (plain.apply(v, x), model.apply(v, x),
+                                       default.apply(v, x)))(variables, images)
+    expected = torch.nn.LayerNorm(6, elementwise_affine=False)(torch.tensor(np.asarray(z)))
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)
+    # The default is unchanged: l2-normalized output.
+    np.testing.assert_allclose(np.linalg.norm(l2, axis=1), 1.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------- the schedules
+
+def _official_lrs(base, epochs, *, kind, warmup, d_warmup, step=1, rate=0.5, milestones=()):
+    """Learning rate per epoch of a torch scheduler stepped as the official main.py does:
+    after each epoch that is past both warm-ups."""
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=base)
+    if kind == "step_lr":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=rate)
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=rate)
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        if epoch >= warmup and epoch >= d_warmup:
+            opt.step()
+            sched.step()
+    return np.asarray(lrs)
+
+
+@pytest.mark.parametrize("kind", ["step_lr", "multistep"])
+def test_three_optimizers_follow_the_official_schedules_and_warm_ups(kind):
+    c = dada_train.base_config()
+    c.optimizer.schedule, c.optimizer.decay_step, c.optimizer.decay_epochs = kind, 1, (1, 3)
+    c.optimizer.warmup_epochs, c.dada.d_warmup_epochs = 3, 1
+    c.dada.d_step, c.dada.g_step = 2, 2
+    c.optimizer.weight_decay = c.dada.disc_weight_decay = 0.0
+    c.optimizer.backbone_lr = c.optimizer.embedding_lr = 0.1
+    c.optimizer.proxy_lr, c.dada.disc_lr = 0.4, 0.2
+    spe, epochs = 3, 7
+    gen_tx, disc_tx = dada_train.make_optimizers(c, steps_per_epoch=spe)
+    gen = {"backbone": jnp.zeros(1), "embedding": jnp.zeros(1), "proxies": jnp.zeros(1)}
+    disc = {"disc": jnp.zeros(1)}
+    gen_state, disc_state = gen_tx.init(gen), disc_tx.init(disc)
+    ones = lambda tree: jax.tree.map(jnp.ones_like, tree)  # noqa: E731
+    seen = {k: np.zeros(epochs) for k in ("backbone", "embedding", "proxies", "disc")}
+    for step in range(epochs * spe):
+        epoch = step // spe
+        # dada_update's call pattern: d_step discriminator updates every batch, g_step
+        # generator updates from epoch d_warmup on. With a constant gradient of 1 (and no
+        # decay) every Adam step is -lr (up to eps and float32 bias correction, ~1e-5),
+        # so the updates read the rates.
+        for _ in range(2):
+            u, disc_state = disc_tx.update(ones(disc), disc_state, disc)
+            seen["disc"][epoch] = -float(u["disc"][0])
+        if epoch >= 1:
+            for _ in range(2):
+                u, gen_state = gen_tx.update(ones(gen), gen_state, gen)
+                for k in ("backbone", "embedding", "proxies"):
+                    seen[k][epoch] = -float(u[k][0])
+    kw = dict(kind=kind, warmup=3, d_warmup=1, step=1, rate=0.5, milestones=(1, 3))
+    np.testing.assert_allclose(seen["disc"], _official_lrs(0.2, epochs, **kw), rtol=1e-4)
+    for k, base in (("embedding", 0.1), ("proxies", 0.4)):
+        expected = _official_lrs(base, epochs, **kw)
+        expected[0] = 0.0  # discriminator warm-up: no generator update
+        np.testing.assert_allclose(seen[k], expected, rtol=1e-4)
+    backbone = _official_lrs(0.1, epochs, **kw)
+    backbone[:3] = 0.0  # frozen for warmup = 3 epochs (the first one is the d_warmup too)
+    np.testing.assert_allclose(seen["backbone"], backbone, rtol=1e-4)
+
+
+# ------------------------------------------------------------- device-count invariance
+
+def _run_steps(run, num_devices, num_steps=2):
+    """``num_steps`` DADA steps from ``run.state`` on fixed global batches, ``num_devices``."""
+    mesh = train.make_mesh(num_devices)
+    state = train.replicate(jax.device_get(run.state), mesh)
+    step = _step_fn(run._replace(mesh=mesh))
+    rng = np.random.default_rng(0)
+    history = []
+    for _ in range(num_steps):
+        classes = rng.permutation(4)
+        batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+                 "label": np.repeat(classes, 2).astype(np.int32)}
+        run.objective.check_batch(batch["label"])
+        state, metrics = step(state, train.shard_batch(batch, mesh))
+        history.append(jax.device_get(metrics))
+    return history, jax.device_get(state)
+
+
+def test_dada_step_is_independent_of_the_device_count(tiny_root):
+    # Adam eps 0.01 as in the trainer's own device test: with torch's 1e-8, Adam's first
+    # step is ±lr for any non-zero gradient, and gradients that are ~0 (summed in another
+    # order on 8 devices) would flip whole steps. One epoch = one step: step 0 is the
+    # discriminator warm-up, step 1 a full DADA step.
+    config = tiny_config("dada_cub200", tiny_root, steps_per_epoch=1, **{"optimizer.eps": 0.01})
+    run = dada_train.build(config)
+    initial = jax.device_get(run.state)
+    one, state_1 = _run_steps(run, 1)
+    eight, state_8 = _run_steps(run, 8)
+
+    # The warm-up step trained the discriminators only; the full step trained everything.
+    assert one[0]["gen_loss"] == 0.0 and one[1]["gen_loss"] != 0.0
+    for m in one + eight:
+        assert m["pair_count"] == 4.0  # num_pairs = batch // samples_per_class
+        assert all(np.isfinite(v) for v in m.values())
+    for a, b in zip(one, eight):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    leaves_1 = jax.tree_util.tree_leaves_with_path(
+        (state_1.params, state_1.batch_stats, state_1.memory))
+    leaves_8 = jax.tree.leaves((state_8.params, state_8.batch_stats, state_8.memory))
+    for (path, a), b in zip(leaves_1, leaves_8):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                         state_1.params, initial.params))
+    assert max(moved) > 0.0
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                         state_1.memory["disc_params"],
+                                         initial.memory["disc_params"]))
+    assert max(moved) > 0.0
+
+
+# ---------------------------------------------------------------------------- resume
+
+def _latest(workdir, config):
+    run = train._build(config)
+    checkpointer = train.Checkpointer(workdir)
+    try:
+        state, record = checkpointer.restore(run.state)
+    finally:
+        checkpointer.close()
+    return jax.device_get(state), record
+
+
+def test_resumed_dada_run_equals_uninterrupted(tiny_root, tmp_path):
+    # 3 steps per epoch, stopped mid-epoch 1 (after the discriminator warm-up): the
+    # discriminators, their BatchNorm statistics and optimizer, the generator optimizer, the
+    # key and the loader position must all come back.
+    config = tiny_config("dada_cub200", tiny_root, num_train_steps=5, steps_per_epoch=3,
+                         **{"eval.every_epochs": 100})
+    short = config.copy_and_resolve_references()
+    short.num_train_steps = 4
+    interrupted, straight = str(tmp_path / "interrupted"), str(tmp_path / "straight")
+    assert train.train_and_evaluate(short, interrupted)["step"] == 4
+    resumed = train.train_and_evaluate(config, interrupted)
+    uninterrupted = train.train_and_evaluate(config, straight)
+    assert resumed["step"] == uninterrupted["step"] == 5
+    a, record = _latest(interrupted, config)
+    b, _ = _latest(straight, config)
+    assert record["step"] == 5 and "memory/disc_params/disc/domain/fc1/kernel" in record["shapes"]
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    assert resumed["recall@1"] == pytest.approx(uninterrupted["recall@1"])
+
+
+# --------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("name", DADA_CONFIGS)
+def test_dada_config_is_valid_and_trains_one_step(name, tiny_root):
+    config = tiny_config(name, tiny_root)
+    dada_train.validate(config)
+    module = config_utils._load_module(os.path.join(REPO, "configs", name + ".py"))
+    assert config.name == name and "main.py" in module.__doc__ and "Published" in module.__doc__
+    run = dada_train.build(config)
+    assert isinstance(run.model, models.EmbeddingModel) and run.model.layer_norm
+    loader = pipeline.make_loader(
+        run.data.train, batch_size=8, sampler=run.sampler,
+        transform=transforms.train_transform(16, run.data.normalization), num_workers=0,
+        seed=0)
+    batch = next(loader)
+    run.objective.check_batch(np.asarray(batch["label"]))
+    state, metrics = _step_fn(run)(run.state, train.shard_batch(batch, run.mesh))
+    assert int(state.step) == 1
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["dis_loss"]))
+    if config.dada.pos_class_mix:
+        assert float(metrics["pair_count"]) == 4.0
+
+
+def test_plain_train_step_refuses_a_dada_run(tiny_root):
+    objective = dada_train.make_objective(tiny_config("dada_cars196", tiny_root))
+    with pytest.raises(ValueError, match="dada_train.train_step"):
+        objective.loss_fn(jnp.zeros((8, 8)), jnp.zeros(8, jnp.int32), None, key=None,
+                              memory={}, epoch=0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dada.dis_mode": "l2"}, r"config.dada: dis_mode must be one of"),
+    ({"dada.d_step": 0}, r"config.dada.d_step must be >= 1"),
+    ({"optimizer.schedule": "step_decay"}, r"config.optimizer.schedule must be one of"),
+    ({"data.n_instance": 1}, r"config.data.n_instance must be >= 2"),
+    ({"optimizer.name": "adamw"}, r"config.optimizer.name must be 'adam'"),
+    ({"data.batch_size": 0}, r"config.data.batch_size must be > 0"),
+])
+def test_validate_names_the_bad_field(changes, message, tiny_root):
+    with pytest.raises(ValueError, match=message):
+        dada_train.validate(tiny_config("dada_cub200", tiny_root, **changes))
+    config = tiny_config("dada_cub200", tiny_root)
+    config.dada.mix_rate = 0.5
+    with pytest.raises(ValueError, match=r"config.dada.mix_rate is not a field"):
+        dada_train.validate(config)
+
+
+def test_batch_contract_of_pos_class_mix_is_checked_on_the_host(tiny_root):
+    objective = dada_train.make_objective(tiny_config("dada_cub200", tiny_root))
+    objective.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 2]))
+    with pytest.raises(ValueError, match="needs batches of 4 classes with two or more"):
+        objective.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 1]))

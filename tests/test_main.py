@@ -1,0 +1,111 @@
+"""main.py end to end: train writes checkpoints, TensorBoard events, pictures and metrics;
+evaluate and embed modes read them back; a bad override fails naming the key."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from proxy_jax import config_utils, train
+from proxy_jax.data import embedded
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.data.dataset=folder", "--config.data.input_size=16", "--config.data.resize=16",
+        "--config.data.batch_size=8", "--config.data.eval_batch_size=16",
+        "--config.data.num_workers=0", "--config.model.embedding_dim=8",
+        "--config.num_train_steps=3", "--config.steps_per_epoch=2", "--config.eval.every_epochs=1",
+        "--config.log_every_steps=1", "--config.eval.num_queries=4", "--config.eval.top_k=3",
+        "--config.eval.map_points=50"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return embedded.ensure_embedded_dataset(
+        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
+        images_per_class=6, image_size=16)
+
+
+def _main(*args, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("main") / "run")
+    result = _main(f"--config.data.root={tiny_root}", *TINY, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+def test_train_writes_checkpoints_events_pictures_metrics(trained):
+    workdir, result = trained
+    assert os.listdir(os.path.join(workdir, "checkpoints", "latest")) == ["3"]
+    assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    for name in ("retrieval.png", "embedding_map.png"):
+        with Image.open(os.path.join(workdir, name)) as image:
+            assert image.format == "PNG" and min(image.size) > 50
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["step"] == 3 and 0.0 <= metrics["recall@1"] <= 1.0
+    assert {"recall@1", "recall@8", "r_precision", "map@r"} <= set(metrics)
+    # Progress line with throughput and ETA, and the evaluation line.
+    assert "img/s  ETA" in result.stderr and "eval recall@1" in result.stderr
+
+
+def test_tensorboard_has_loss_learning_rates_norms_and_metrics(trained):
+    tf = pytest.importorskip("tensorflow")
+    workdir, _ = trained
+    tags = set()
+    for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"train/loss", "train/grad_norm", "train/param_norm", "lr/backbone",
+            "lr/embedding", "lr/proxies", "eval/recall@1", "eval/map@r"} <= tags
+
+
+def _config(tiny_root):
+    config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))
+    for arg in TINY + [f"--config.data.root={tiny_root}"]:
+        path, value = arg[len("--config."):].split("=", 1)
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value)
+    config.num_devices = 1
+    return config
+
+
+def test_evaluate_and_embed_modes_read_the_checkpoint(trained, tiny_root, tmp_path):
+    workdir, _ = trained
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        trained_metrics = json.load(f)
+    config = _config(tiny_root)
+    metrics = train.evaluate_checkpoint(config, workdir)
+    assert metrics["step"] == trained_metrics["step"]
+    assert metrics["recall@1"] == pytest.approx(trained_metrics["recall@1"])
+    assert os.path.exists(os.path.join(workdir, "retrieval_eval.png"))
+
+    output = str(tmp_path / "emb.npz")
+    info = train.embed_folder(config, workdir, os.path.join(tiny_root, "test"), output)
+    with np.load(output) as out:
+        assert out["embeddings"].shape == (18, 8) and info["num_images"] == 18
+        np.testing.assert_allclose(np.linalg.norm(out["embeddings"], axis=1), 1.0, rtol=1e-5)
+        assert sorted(set(out["labels"].tolist())) == [0, 1, 2]
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        train.evaluate_checkpoint(config, str(tmp_path / "empty"))
+
+
+def test_bad_override_fails_naming_the_key():
+    result = _main("--config.data.batchsize=4", timeout=120)
+    assert result.returncode != 0
+    assert "batchsize" in result.stderr

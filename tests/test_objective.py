@@ -1,0 +1,227 @@
+"""proxy_jax.objective: registries, composition of regularizer and loss, proxy init."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from proxy_jax import config_utils, losses, regularizers
+from proxy_jax.objective import LOSSES, init_proxies, make_objective
+
+B, D, C = 8, 16, 6
+
+
+def _config(loss="norm_softmax", regularizer="", **reg):
+    c = config_utils.base_config()
+    c.model.embedding_dim = D
+    c.loss.name = loss
+    c.regularizer.name = regularizer
+    for k, v in reg.items():
+        setattr(c.regularizer, k, v)
+    return c
+
+
+def _inputs(seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    emb = jax.random.normal(k1, (B, D))
+    labels = jnp.array([0, 0, 1, 1, 2, 3, 4, 5], jnp.int32)
+    proxies = jax.random.normal(k2, (C, D))
+    return emb, labels, proxies
+
+
+@pytest.mark.parametrize("loss", ["norm_softmax", "proxy_nca", "proxy_anchor"])
+def test_plain_objective_is_the_base_loss(loss):
+    emb, labels, proxies = _inputs()
+    objective = make_objective(_config(loss), num_classes=C, global_batch_size=B)
+    value, memory = jax.jit(lambda e, y, p: objective.loss_fn(
+        e, y, p, key=jax.random.PRNGKey(1), memory={}, epoch=0))(emb, labels, proxies)
+    spec = LOSSES[loss]
+    expected = jax.jit(lambda e, y, p: spec.fn(e, y, p, **spec.hyper_parameters(
+        _config(loss).loss)))(emb, labels, proxies)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    assert memory == {}
+
+
+def test_ps_objective_reorders_then_synthesizes():
+    emb, labels, proxies = _inputs()
+    config = _config("norm_softmax", "ps", ps_alpha=0.4, ps_mu=0.5)
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    key = jax.random.PRNGKey(3)
+    value, _ = jax.jit(lambda e, y, p: objective.loss_fn(e, y, p, key=key, memory={}, epoch=0))(
+        emb, labels, proxies)
+
+    @jax.jit
+    def reference(emb, labels, proxies):
+        key_order, key_lambda = jax.random.split(key)
+        order = regularizers.distinct_neighbours(labels, key_order)
+        e, y, p = regularizers.proxy_synthesis(key_lambda, emb[order], labels[order], proxies,
+                                               alpha=0.4, mu=0.5)
+        return (losses.norm_softmax(e, y, p, scale=23.0), labels[order], e.shape[0], p.shape[0],
+                losses.norm_softmax(emb, labels, proxies, scale=23.0))
+    expected, y, num_e, num_p, plain = reference(emb, labels, proxies)
+    assert np.all(np.asarray(y) != np.roll(np.asarray(y), 1)), "neighbouring labels must differ"
+    assert (int(num_e), int(num_p)) == (B + 4, C + 4)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    # The synthetic classes make it differ from the plain loss.
+    assert abs(float(value) - float(plain)) > 1e-3
+
+
+def test_memvir_objective_reads_before_push_and_waits_for_warm_up():
+    config = _config("proxy_nca", "memvir", memvir_num_steps=2, memvir_step_gap=0,
+                     memvir_warm_epochs=1)
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    memory = objective.init_memory()
+    fn = jax.jit(lambda e, y, p, m, epoch: objective.loss_fn(e, y, p, key=None, memory=m,
+                                                             epoch=epoch))
+    steps = [_inputs(seed) for seed in range(4)]
+    # Epoch 0 is warm-up: nothing is pushed, the loss is the plain loss.
+    e, y, p = steps[0]
+    value, memory = fn(e, y, p, memory, 0)
+    np.testing.assert_allclose(value, losses.proxy_nca(e, y, p, scale=23.0), rtol=1e-6)
+    assert int(memory.size) == 0
+    # Epoch 1: the first step reads an empty memory, then pushes.
+    value, memory = fn(e, y, p, memory, 1)
+    np.testing.assert_allclose(value, losses.proxy_nca(e, y, p, scale=23.0), rtol=1e-6)
+    assert int(memory.size) == 1
+    # The next step sees the previous step as virtual classes C..2C-1.
+    e2, y2, p2 = steps[1]
+    value, memory = fn(e2, y2, p2, memory, 1)
+    expected = losses.proxy_nca(jnp.concatenate([e2, e]), jnp.concatenate([y2, y + C]),
+                                jnp.concatenate([p2, p]), scale=23.0)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["norm_softmax", "proxy_nca"])
+def test_fused_memvir_objective_equals_generic_path(loss):
+    # N=2, M=1: the memory (4 slots) is full from step 5 on, and the later steps wrap the
+    # ring. Step 0 is in the warm-up (epoch 0 < memvir_warm_epochs=1: nothing is pushed).
+    config = _config(loss, "memvir", memvir_num_steps=2, memvir_step_gap=1,
+                     memvir_warm_epochs=1)
+    objectives = [make_objective(config, num_classes=C, global_batch_size=B,
+                                 _fused_memvir=fused) for fused in (True, False)]
+    memories = [o.init_memory() for o in objectives]
+    assert memories[0].cache_loss == loss and memories[0].lse_cache is not None
+    assert memories[1].cache_loss is None and memories[1].lse_cache is None
+
+    def step_fn(objective):
+        def step(e, y, p, memory, epoch):
+            (value, memory), grads = jax.value_and_grad(
+                lambda e, p: objective.loss_fn(e, y, p, key=None, memory=memory, epoch=epoch),
+                argnums=(0, 1), has_aux=True)(e, p)
+            return value, grads, memory
+        return jax.jit(step)
+    steps = [step_fn(o) for o in objectives]
+    num_virtual = []
+    for t in range(8):
+        e, y, p = _inputs(seed=10 + t)
+        epoch = 0 if t == 0 else 1
+        num_virtual.append(int(memories[0].size) // 2)
+        (fused_value, fused_grads, memories[0]), (value, grads, memories[1]) = (
+            step(e, y, p, m, epoch) for step, m in zip(steps, memories))
+        np.testing.assert_allclose(fused_value, value, rtol=1e-5, atol=1e-5)
+        for g_fused, g in zip(fused_grads, grads):
+            np.testing.assert_allclose(g_fused, g, rtol=1e-5, atol=1e-5)
+        for name in ("embeddings", "labels", "proxies", "head", "size"):
+            np.testing.assert_array_equal(getattr(memories[0], name), getattr(memories[1], name))
+    # Virtual steps read (k valid once k(M+1) steps were pushed): none in the warm-up step
+    # nor at the next two, then 1, then from step 5 both.
+    assert num_virtual == [0, 0, 0, 1, 1, 2, 2, 2]
+    # The memory really changed the loss: it differs from the plain base loss.
+    e, y, p = _inputs(seed=99)
+    value, _, _ = steps[0](e, y, p, memories[0], 1)
+    spec = LOSSES[loss]
+    plain = spec.fn(e, y, p, **spec.hyper_parameters(config.loss))
+    assert abs(float(value) - float(plain)) > 1e-3
+
+
+def test_memvir_with_proxy_anchor_uses_the_generic_path():
+    config = _config("proxy_anchor", "memvir", memvir_num_steps=1, memvir_step_gap=0)
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    memory = objective.init_memory()
+    assert memory.cache_loss is None and memory.lse_cache is None
+    step = jax.jit(lambda e, y, p, m: objective.loss_fn(e, y, p, key=None, memory=m, epoch=0))
+    e, y, p = _inputs()
+    _, memory = step(e, y, p, memory)
+    e2, y2, p2 = _inputs(seed=1)
+    value, _ = step(e2, y2, p2, memory)
+    hp = LOSSES["proxy_anchor"].hyper_parameters(config.loss)
+    expected = losses.proxy_anchor(jnp.concatenate([e2, e]), jnp.concatenate([y2, y + C]),
+                                   jnp.concatenate([p2, p]), **hp)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
+def test_memvir_gradient_does_not_flow_into_memory():
+    config = _config("norm_softmax", "memvir", memvir_num_steps=1, memvir_step_gap=0)
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    e, y, p = _inputs()
+    step = jax.jit(lambda e, y, p, m: objective.loss_fn(e, y, p, key=None, memory=m, epoch=0))
+    _, memory = step(e, y, p, objective.init_memory())
+
+    def total(mem_embeddings, mem_proxies):
+        m = memory.replace(embeddings=mem_embeddings, proxies=mem_proxies)
+        return objective.loss_fn(e, y, p, key=None, memory=m, epoch=0)[0]
+    grads = jax.jit(jax.grad(total, argnums=(0, 1)))(memory.embeddings, memory.proxies)
+    # The pushed embeddings and proxies are constants of later steps.
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
+
+
+def test_ee_objective_matches_expansion_plus_hphn():
+    config = _config("hphn_triplet", "ee", ee_num_inner=2)
+    config.loss.margin = 0.2
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    emb, _, _ = _inputs()
+    emb = losses.l2_normalize(emb)
+    labels = jnp.array([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32)
+    objective.check_batch(np.asarray(labels))
+    value, _ = jax.jit(lambda e, y: objective.loss_fn(e, y, None, key=None, memory={},
+                                                      epoch=0))(emb, labels)
+
+    @jax.jit
+    def reference(emb, labels):
+        e, y = regularizers.embedding_expansion(emb, labels, num_inner=2)
+        return losses.hphn_triplet(e, y, margin=0.2, num_original=B)
+    np.testing.assert_allclose(value, reference(emb, labels), rtol=1e-6)
+    with pytest.raises(ValueError, match="rows 4 and 5"):
+        objective.check_batch(np.array([0, 0, 1, 1, 2, 3, 4, 4]))
+
+
+@pytest.mark.parametrize("loss, regularizer, message", [
+    ("arcface", "", "config.loss.name must be one of"),
+    ("norm_softmax", "dropout", "config.regularizer.name must be one of"),
+    ("hphn_triplet", "ps", "needs a proxy loss"),
+    ("hphn_triplet", "memvir", "needs a proxy loss"),
+    ("proxy_anchor", "ee", "hphn_triplet"),
+])
+def test_bad_names_and_combinations_raise(loss, regularizer, message):
+    with pytest.raises(ValueError, match=message):
+        make_objective(_config(loss, regularizer), num_classes=C, global_batch_size=B)
+
+
+def test_ps_with_too_small_batch_raises():
+    with pytest.raises(ValueError, match="ps_mu"):
+        make_objective(_config("norm_softmax", "ps", ps_mu=0.1), num_classes=C,
+                       global_batch_size=8)
+
+
+@pytest.mark.parametrize("init, fan, expected_std", [
+    ("kaiming_uniform", "dim", 1 / math.sqrt(3 * 64)),
+    ("kaiming_uniform", "classes", 1 / math.sqrt(3 * 500)),
+    ("kaiming_normal", "dim", math.sqrt(2 / 64)),
+    ("kaiming_normal", "classes", math.sqrt(2 / 500)),
+])
+def test_proxy_init_matches_pytorch_statistics(init, fan, expected_std):
+    p = np.asarray(init_proxies(jax.random.PRNGKey(0), num_classes=500, dim=64, init=init,
+                                fan=fan))
+    assert p.shape == (500, 64) and p.dtype == np.float32
+    np.testing.assert_allclose(p.std(), expected_std, rtol=0.02)
+    if init == "kaiming_uniform":
+        assert np.abs(p).max() <= math.sqrt(3) * expected_std + 1e-7
+
+
+def test_proxy_init_bad_names():
+    with pytest.raises(ValueError, match="init must be"):
+        init_proxies(jax.random.PRNGKey(0), num_classes=3, dim=4, init="xavier", fan="dim")
+    with pytest.raises(ValueError, match="fan must be"):
+        init_proxies(jax.random.PRNGKey(0), num_classes=3, dim=4, init="kaiming_normal", fan="x")
