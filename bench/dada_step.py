@@ -240,7 +240,7 @@ def _torch_steps(args):
         loss.backward()
         proxy_optimizer.step()
         optimizer.step()
-        assert np.isfinite(float(loss))
+        assert np.isfinite(float(loss.detach()))
     steps["DADA"] = run_dada
     return steps
 
@@ -311,5 +311,5 @@ if __name__ == "__main__":
           f"{cell('proxy_jax', 'forward')} | {cell('torch', 'forward')} |")
     print(f"| DADA / Proxy-Anchor | {ratio('proxy_jax', 'DADA', 'PA')} | "
           f"{ratio('torch', 'DADA', 'PA')} |")
-    print(f"| forwards per DADA step | 1 (vjp reused) | 2 (no_grad + grad) |")
+    print("| forwards per DADA step | 1 (vjp reused) | 2 (no_grad + grad) |")
     print(f"blocks kept {args.blocks - dropped}/{args.blocks}{note}; load {os.getloadavg()}")

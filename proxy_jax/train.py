@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import math
 import os
 import signal
 import time
@@ -48,14 +47,18 @@ Array = jax.Array
 
 # --------------------------------------------------------------------------- model, data
 
-def create_model(config: ml_collections.ConfigDict) -> models.EmbeddingModel:
-    """The embedding model of ``config.model`` (compute dtype float32 or bfloat16)."""
+def create_model(config: ml_collections.ConfigDict, **overrides) -> models.EmbeddingModel:
+    """The embedding model of ``config.model`` (compute dtype float32 or bfloat16).
+
+    ``overrides`` are further keyword arguments of :func:`proxy_jax.models.create_model`
+    (a method's own head, e.g. DADA's ``layer_norm``).
+    """
     m = config.model
     return models.create_model(
         backbone=m.backbone, embedding_dim=m.embedding_dim, pooling=m.pooling,
         l2_normalize=m.l2_normalize, freeze_bn=m.freeze_bn,
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-        embedding_init=m.embedding_init)
+        embedding_init=m.embedding_init, **overrides)
 
 
 class Data(NamedTuple):
@@ -682,6 +685,11 @@ def _record(run: _Run, state: TrainState, *, loader_state, best_recall: float,
 
 
 def _learning_rates(run: _Run, step: int) -> dict:
+    """The learning rate each parameter group gets at ``step``, for the logs."""
+    if _is_dada(run.config):
+        from proxy_jax import dada_train
+
+        return dada_train.learning_rates(run.config, step, steps_per_epoch=run.steps_per_epoch)
     o = run.config.optimizer
     groups = ["backbone", "embedding"] + (["proxies"] if run.objective.uses_proxies else [])
     rates = {}

@@ -1,6 +1,7 @@
 """proxy_jax.dada_train in the trainer: the LayerNorm head, the official schedules of the
-three optimizers, the DADA step on 1 and 8 devices, exact resume, and one step of every
-DADA config on tiny shapes."""
+three optimizers, the DADA step on 1 and 8 devices, exact resume through the trainer's loop
+and checkpoints, and the configs against the official yaml files (one step of every config
+on tiny shapes runs in tests/test_configs.py, through train.step_function)."""
 
 import os
 
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 from proxy_jax import config_utils, dada_train, models, train
-from proxy_jax.data import embedded, pipeline, transforms
+from proxy_jax.data import embedded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DADA_CONFIGS = ("dada_cub200", "dada_cars196", "dada_sop", "dada_inshop")
@@ -156,6 +157,10 @@ def test_three_optimizers_follow_the_official_schedules_and_warm_ups(kind):
     backbone = _official_lrs(0.1, epochs, **kw)
     backbone[:3] = 0.0  # frozen for warmup = 3 epochs (the first one is the d_warmup too)
     np.testing.assert_allclose(seen["backbone"], backbone, rtol=1e-4)
+    # The logged rates are the applied ones.
+    logged = [dada_train.learning_rates(c, e * spe, steps_per_epoch=spe) for e in range(epochs)]
+    for k in seen:
+        np.testing.assert_allclose([r[f"lr/{k}"] for r in logged], seen[k], rtol=1e-4)
 
 
 # ------------------------------------------------------------- device-count invariance
@@ -213,11 +218,10 @@ def test_dada_step_is_independent_of_the_device_count(tiny_root):
 
 # ---------------------------------------------------------------------------- resume
 
-def _latest(workdir, config):
-    run = train._build(config)
+def _latest(workdir, run):
     checkpointer = train.Checkpointer(workdir)
     try:
-        state, record = checkpointer.restore(run.state)
+        state, record = checkpointer.restore(jax.device_get(run.state))
     finally:
         checkpointer.close()
     return jax.device_get(state), record
@@ -236,8 +240,9 @@ def test_resumed_dada_run_equals_uninterrupted(tiny_root, tmp_path):
     resumed = train.train_and_evaluate(config, interrupted)
     uninterrupted = train.train_and_evaluate(config, straight)
     assert resumed["step"] == uninterrupted["step"] == 5
-    a, record = _latest(interrupted, config)
-    b, _ = _latest(straight, config)
+    run = train._build(config)
+    a, record = _latest(interrupted, run)
+    b, _ = _latest(straight, run)
     assert record["step"] == 5 and "memory/disc_params/disc/domain/fc1/kernel" in record["shapes"]
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
@@ -246,25 +251,85 @@ def test_resumed_dada_run_equals_uninterrupted(tiny_root, tmp_path):
 
 # --------------------------------------------------------------------------- configs
 
+# Official flag -> proxy_jax field, and the value of every flag after parameters.py's
+# defaults and the config's yaml file (Noahsark/DADA configs/*.yaml, read by hand).
+FLAGS = {
+    "n_epochs": "num_epochs", "batch_size": "data.batch_size",
+    "samples_per_class": "data.n_instance", "lr": "optimizer.backbone_lr",
+    "decay": "optimizer.weight_decay", "warmup": "optimizer.warmup_epochs",
+    "lr_reduce_rate": "optimizer.decay_rate", "loss_adv_proxy_lr": "optimizer.proxy_lr",
+    "loss_adv_classifier_lr": "dada.disc_lr", "dis_decay": "dada.disc_weight_decay",
+    "d_warmup": "dada.d_warmup_epochs", "d_step": "dada.d_step", "g_step": "dada.g_step",
+    "fd2_bn": "dada.domain_final_bn", "fc2_bn": "dada.class_final_bn",
+    "fd_fc1_dim": "dada.domain_hidden_dim", "pos_class_mix": "dada.pos_class_mix",
+    "d_dis_ratio": "dada.d_dis_ratio", "d_discrepancy_ratio": "dada.d_discrepancy_ratio",
+    "oproxy_ratio": "dada.oproxy_ratio", "dis_gamma": "dada.dis_gamma",
+    "loss_oproxy_pos_alpha": "dada.pos_alpha", "loss_oproxy_neg_alpha": "dada.neg_alpha",
+    "loss_oproxy_pos_delta": "dada.pos_delta", "loss_oproxy_neg_delta": "dada.neg_delta",
+    "mix_alpha": "dada.mix_alpha", "mix_beta": "dada.mix_beta", "mix_mode": "dada.mix_mode",
+    "shift_scale": "dada.shift_scale", "dis_mode": "dada.dis_mode", "dropout": "dada.dropout",
+    "embed_dim": "model.embedding_dim",
+}
+DEFAULTS = dict(n_epochs=50, batch_size=90, samples_per_class=2, lr=1e-4, decay=4e-4,
+                warmup=1, lr_reduce_rate=0.5, loss_adv_proxy_lr=0.04,
+                loss_adv_classifier_lr=5e-4, dis_decay=1e-4, d_warmup=1, d_step=3, g_step=1,
+                fd2_bn=False, fc2_bn=False, fd_fc1_dim=512, pos_class_mix=False,
+                d_dis_ratio=0.01, d_discrepancy_ratio=0.5, oproxy_ratio=0.0075, dis_gamma=1.0,
+                loss_oproxy_pos_alpha=32.0, loss_oproxy_neg_alpha=32.0,
+                loss_oproxy_pos_delta=0.1, loss_oproxy_neg_delta=-0.1, mix_alpha=0.5,
+                mix_beta=0.5, mix_mode="random", shift_scale=1.0, dis_mode="nwd", dropout=0.5,
+                embed_dim=512, fc_fc1_dim=512, fc_fc2_dim=128, scheduler="step",
+                lr_reduce_step=5, lr_reduce_multi_steps=(20, 45, 70),
+                arch="resnet50_frozen_layernorm_double")
+YAML = {
+    "dada_cars196": dict(n_epochs=60, fd2_bn=True, d_dis_ratio=0.01, decay=1e-4, lr=1.2e-4,
+                         lr_reduce_step=10, mix_alpha=2.0, mix_beta=1.0, oproxy_ratio=0.0075,
+                         warmup=5),
+    "dada_cub200": dict(pos_class_mix=True, batch_size=90, n_epochs=60, lr=1.2e-4, fd2_bn=True,
+                        fc2_bn=True, d_dis_ratio=0.005, decay=1e-4, dis_decay=4e-4,
+                        loss_oproxy_pos_alpha=40.0, loss_oproxy_neg_alpha=100.0,
+                        lr_reduce_step=4, lr_reduce_rate=0.45, mix_alpha=3.0, mix_beta=0.5,
+                        oproxy_ratio=0.0075),
+    "dada_inshop": dict(n_epochs=200, batch_size=180, fd2_bn=True, fc2_bn=True,
+                        pos_class_mix=True, arch="resnet50_layernorm_double", d_dis_ratio=0.01,
+                        decay=1e-4, dis_decay=5e-5, fc_fc2_dim=4096, fd_fc1_dim=512,
+                        loss_oproxy_neg_alpha=200.0, loss_oproxy_pos_alpha=40.0, lr=1.2e-4,
+                        lr_reduce_rate=0.25, lr_reduce_step=40, oproxy_ratio=0.0075,
+                        mix_alpha=3.0, mix_beta=3.0, warmup=5),
+    "dada_sop": dict(n_epochs=200, batch_size=180, d_dis_ratio=0.05, decay=5e-5, lr=1.2e-4,
+                     dis_decay=1e-4, fc_fc1_dim=1024, fc_fc2_dim=8192, fd_fc1_dim=128,
+                     loss_oproxy_neg_alpha=200.0, loss_oproxy_pos_alpha=100.0,
+                     lr_reduce_rate=0.1, lr_reduce_step=20, mix_alpha=2.0, mix_beta=5.0,
+                     oproxy_ratio=0.03, pos_class_mix=True, fd2_bn=True, scheduler="multi",
+                     arch="resnet50_layernorm_double"),
+}
+
+
 @pytest.mark.parametrize("name", DADA_CONFIGS)
-def test_dada_config_is_valid_and_trains_one_step(name, tiny_root):
-    config = tiny_config(name, tiny_root)
+def test_dada_config_reproduces_the_official_yaml(name):
+    """Every official flag of parameters.py + the yaml lands in the config. (One training
+    step of every config on tiny shapes runs in tests/test_configs.py.)"""
+    config = config_utils.load_config_file(os.path.join(REPO, "configs", name + ".py"))
     dada_train.validate(config)
-    module = config_utils._load_module(os.path.join(REPO, "configs", name + ".py"))
-    assert config.name == name and "main.py" in module.__doc__ and "Published" in module.__doc__
-    run = dada_train.build(config)
-    assert isinstance(run.model, models.EmbeddingModel) and run.model.layer_norm
-    loader = pipeline.make_loader(
-        run.data.train, batch_size=8, sampler=run.sampler,
-        transform=transforms.train_transform(16, run.data.normalization), num_workers=0,
-        seed=0)
-    batch = next(loader)
-    run.objective.check_batch(np.asarray(batch["label"]))
-    state, metrics = _step_fn(run)(run.state, train.shard_batch(batch, run.mesh))
-    assert int(state.step) == 1
-    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["dis_loss"]))
-    if config.dada.pos_class_mix:
-        assert float(metrics["pair_count"]) == 4.0
+    official = {**DEFAULTS, **YAML[name]}
+    for flag, path in FLAGS.items():
+        node = config
+        for part in path.split("."):
+            node = node[part]
+        assert node == pytest.approx(official[flag]), (flag, path)
+    assert config.optimizer.embedding_lr == official["lr"]  # one model group at lr
+    assert tuple(config.dada.class_hidden_dims) == (official["fc_fc1_dim"],
+                                                    official["fc_fc2_dim"])
+    assert config.optimizer.schedule == {"step": "step_lr", "multi": "multistep"}[
+        official["scheduler"]]
+    if official["scheduler"] == "step":
+        assert config.optimizer.decay_step == official["lr_reduce_step"]
+    else:
+        assert tuple(config.optimizer.decay_epochs) == official["lr_reduce_multi_steps"]
+    assert config.model.freeze_bn == ("frozen" in official["arch"])
+    assert config.dada.layer_norm_head and not config.model.l2_normalize
+    assert config.model.pooling == "gap+gmp" and config.model.backbone == "resnet50"
+    assert config.optimizer.eps == 1e-8 and config.optimizer.name == "adam"
 
 
 def test_plain_train_step_refuses_a_dada_run(tiny_root):
