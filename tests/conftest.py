@@ -8,3 +8,39 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """XLA's persistent compilation cache for one test module: runs of the same tiny config
+    compile each train step once. Speed only; the previous settings are restored after.
+
+    Only programs that take at least a second to compile are cached: writing and reading
+    every tiny eager op costs more than it saves.
+    """
+    import jax
+    from jax._src import compilation_cache as cc  # reset: the cache reads its dir once
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: jax.config.values[n] for n in names}
+    cc.reset_cache()
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 1.0)
+    jax.config.update(names[2], 0)
+    yield
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    """A 4-train / 3-test class folder of 16x16 images (the embedded generator, tiny)."""
+    from proxy_jax.data import embedded
+
+    return embedded.ensure_embedded_dataset(
+        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
+        images_per_class=6, image_size=16)

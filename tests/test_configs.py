@@ -5,14 +5,13 @@ import glob
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from proxy_jax import config_utils, train
-from proxy_jax.data import embedded, pipeline, transforms
+from proxy_jax.data import pipeline, transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -29,29 +28,7 @@ SEED_CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """XLA's persistent compilation cache: configs that share a network compile it once."""
-    from jax._src import compilation_cache as cc  # reset: the cache reads its dir once
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: jax.config.values[n] for n in names}
-    cc.reset_cache()
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return embedded.ensure_embedded_dataset(
-        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
-        images_per_class=6, image_size=16)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def test_every_seed_command_has_a_config():

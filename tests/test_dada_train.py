@@ -3,45 +3,21 @@ three optimizers, the DADA step on 1 and 8 devices, exact resume through the tra
 and checkpoints, and the configs against the official yaml files (one step of every config
 on tiny shapes runs in tests/test_configs.py, through train.step_function)."""
 
+import bisect
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from proxy_jax import config_utils, dada_train, models, train
-from proxy_jax.data import embedded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DADA_CONFIGS = ("dada_cub200", "dada_cars196", "dada_sop", "dada_inshop")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """XLA's persistent compilation cache: the tiny dada_cub200 step is compiled once for
-    the config, device-count and resume tests. Speed only."""
-    from jax._src import compilation_cache as cc  # reset: the cache reads its dir once
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: jax.config.values[n] for n in names}
-    cc.reset_cache()
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return embedded.ensure_embedded_dataset(
-        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
-        images_per_class=6, image_size=16)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def tiny_config(name, root, **changes):
@@ -102,19 +78,21 @@ def test_layer_norm_head_is_torch_layernorm_without_affine():
 
 def _official_lrs(base, epochs, *, kind, warmup, d_warmup, step=1, rate=0.5, milestones=()):
     """Learning rate per epoch of a torch scheduler stepped as the official main.py does:
-    after each epoch that is past both warm-ups."""
-    torch = pytest.importorskip("torch")
-    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=base)
-    if kind == "step_lr":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=rate)
-    else:
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=rate)
-    lrs = []
+    once after each epoch that is past both warm-ups.
+
+    After n scheduler steps torch's StepLR gives ``base·rate^⌊n/step⌋`` and MultiStepLR
+    ``base·rate^(number of milestones ≤ n)`` (their documented closed forms). They are
+    written out here rather than run: constructing a torch optimizer imports torch's compiler
+    stack (triton), which segfaulted test workers that already had XLA loaded.
+    """
+    lrs, n = [], 0
     for epoch in range(epochs):
-        lrs.append(opt.param_groups[0]["lr"])
+        if kind == "step_lr":
+            lrs.append(base * rate ** (n // step))
+        else:
+            lrs.append(base * rate ** bisect.bisect_right(sorted(milestones), n))
         if epoch >= warmup and epoch >= d_warmup:
-            opt.step()
-            sched.step()
+            n += 1
     return np.asarray(lrs)
 
 

@@ -9,8 +9,6 @@ with ``mu = 0`` take the official path that skips synthesis.
 """
 
 import functools
-import itertools
-import math
 import pathlib
 
 import hypothesis.strategies as st

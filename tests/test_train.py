@@ -11,37 +11,12 @@ import optax
 import pytest
 
 from proxy_jax import config_utils, train
-from proxy_jax.data import embedded
 from proxy_jax.objective import make_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """XLA's persistent compilation cache for this module: runs of the same tiny config
-    (resume, NaN and workdir tests) compile each function once. Speed only."""
-    from jax._src import compilation_cache as cc  # reset: the cache reads its dir once
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: jax.config.values[n] for n in names}
-    cc.reset_cache()
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(names[1], 0.0)
-    jax.config.update(names[2], 0)
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    """A 4-train / 3-test class folder of 16x16 images (the embedded generator, tiny)."""
-    return embedded.ensure_embedded_dataset(
-        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
-        images_per_class=6, image_size=16)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def tiny_config(root, **changes):
