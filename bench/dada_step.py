@@ -27,13 +27,13 @@ threads for both (``--threads`` pins the process; torch.set_num_threads).
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from train_step import timed_blocks  # noqa: E402  (bench/ is on sys.path when run)
 NUM_CLASSES = 100
 
 
@@ -245,17 +245,6 @@ def _torch_steps(args):
     return steps
 
 
-def _block(fn, steps, threads, min_cpu_share):
-    times, busy = [], False
-    for _ in range(steps):
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        fn()
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        times.append(wall)
-        busy |= cpu < min_cpu_share * threads * wall or os.getloadavg()[0] > threads + 1
-    return statistics.median(times), busy
-
-
 if __name__ == "__main__":
     args = _parse()
     if args.batch % 2:
@@ -271,27 +260,7 @@ if __name__ == "__main__":
           f"{args.size}x{args.size}; load {os.getloadavg()}")
     impls = {f"proxy_jax {k}": v for k, v in _jax_steps(args).items()}
     impls.update({f"torch {k}": v for k, v in _torch_steps(args).items()})
-    for name, fn in impls.items():  # compile / warm up
-        t0 = time.perf_counter()
-        fn()
-        print(f"warm-up {name}: {time.perf_counter() - t0:.1f} s")
-    kept = {n: [] for n in impls}
-    allb = {n: [] for n in impls}
-    dropped = 0
-    for b in range(args.blocks):
-        results = {n: _block(fn, args.steps, args.threads, args.min_cpu_share)
-                   for n, fn in impls.items()}
-        busy = any(r[1] for r in results.values())
-        dropped += busy
-        for n, (t, _) in results.items():
-            allb[n].append(t)
-            if not busy:
-                kept[n].append(t)
-        print(f"block {b}: " + ", ".join(f"{n} {t:.2f} s" for n, (t, _) in results.items())
-              + ("  (busy: dropped)" if busy else "") + f"  load {os.getloadavg()[0]:.1f}")
-    use = kept if all(kept.values()) else allb
-    note = "" if all(kept.values()) else "  (every block was busy: medians of all blocks)"
-    med = {n: statistics.median(v) for n, v in use.items()}
+    med, note, dropped = timed_blocks(impls, args)
 
     def cell(side, what):
         return f"{med[f'{side} {what}']:.3f}" if f"{side} {what}" in med else "n/a"

@@ -116,18 +116,16 @@ def _block(fn, steps, threads, min_cpu_share):
     return statistics.median(times), busy
 
 
-if __name__ == "__main__":
-    args = _parse()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-    import torch
+def timed_blocks(impls, args, *, unit="s"):
+    """Warms up every implementation, then times them in interleaved blocks.
 
-    torch.set_num_threads(args.threads)
-    import jax
+    Each block runs every implementation for ``args.steps`` steps; a block during which the
+    process got less than ``args.min_cpu_share`` of its threads is dropped.
 
-    print(f"devices: {jax.devices()}  threads: {args.threads}  batch {args.batch}, "
-          f"{args.size}x{args.size}, proxy_jax {args.dtype}; load {os.getloadavg()}")
-    impls = {"proxy_jax": _jax_step(args), "torch": _torch_step(args)}
+    Returns ``(medians, note, dropped)``: the median seconds per step of each implementation
+    over the kept blocks (over all blocks if none was kept, with ``note`` saying so) and the
+    number of dropped blocks.
+    """
     for name, fn in impls.items():  # compile / warm up
         t0 = time.perf_counter()
         fn()
@@ -144,11 +142,26 @@ if __name__ == "__main__":
             allb[n].append(t)
             if not busy:
                 kept[n].append(t)
-        print(f"block {b}: " + ", ".join(f"{n} {t:.2f} s/step" for n, (t, _) in results.items())
+        print(f"block {b}: " + ", ".join(f"{n} {t:.2f} {unit}" for n, (t, _) in results.items())
               + ("  (busy: dropped)" if busy else "") + f"  load {os.getloadavg()[0]:.1f}")
     use = kept if all(kept.values()) else allb
     note = "" if all(kept.values()) else "  (every block was busy: medians of all blocks)"
-    med = {n: statistics.median(v) for n, v in use.items()}
+    return {n: statistics.median(v) for n, v in use.items()}, note, dropped
+
+
+if __name__ == "__main__":
+    args = _parse()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import jax
+
+    print(f"devices: {jax.devices()}  threads: {args.threads}  batch {args.batch}, "
+          f"{args.size}x{args.size}, proxy_jax {args.dtype}; load {os.getloadavg()}")
+    impls = {"proxy_jax": _jax_step(args), "torch": _torch_step(args)}
+    med, note, dropped = timed_blocks(impls, args, unit="s/step")
     print()
     print(f"| step (ResNet-50, batch {args.batch}, {args.size}², Norm-SoftMax, Adam) "
           "| proxy_jax | torch | torch / proxy_jax |")
