@@ -8,6 +8,12 @@
 ``--config.x.y=value`` overrides any field (an unknown field or a wrong type is an error
 naming it). The workdir defaults to ./workdir/<config.name>; running the same command again
 resumes from its latest checkpoint.
+
+Several processes (machines) form one run when given a coordinator (see
+``proxy_jax.multihost``), e.g. on two machines:
+
+  python main.py --config=... --workdir=/shared/run --coordinator_address=host0:1234 \
+      --num_processes=2 --process_id=0          # and --process_id=1 on the other
 """
 
 import logging as std_logging
@@ -28,6 +34,18 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "embed"],
 flags.DEFINE_string("embed_folder", None, "Images to embed (class folders or a flat folder).")
 flags.DEFINE_string("embed_output", None, "Output .npz of --mode=embed (default "
                     "<workdir>/embeddings.npz).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process "
+                    "run (default: $JAX_COORDINATOR_ADDRESS, or a Slurm/Open MPI launch).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (default: "
+                     "$JAX_NUM_PROCESSES or the launcher's).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) "
+                     "(default: $JAX_PROCESS_ID or the launcher's).")
+flags.DEFINE_list("local_device_ids", None, "The local devices this process uses (default: "
+                  "all, or one per task under Slurm/Open MPI).")
+flags.DEFINE_integer("heartbeat_timeout_s", 100, "A multi-process run fails when a process has "
+                     "been silent this long; the others then exit naming it.")
+flags.DEFINE_integer("initialization_timeout_s", 300, "How long processes wait for each other "
+                     "to join a multi-process run.")
 FLAGS = flags.FLAGS
 
 
@@ -42,6 +60,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    from proxy_jax import multihost
+
+    settings = multihost.resolve(
+        coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+        local_device_ids=[int(i) for i in FLAGS.local_device_ids or ()])
+    if settings is not None:  # before anything starts a JAX backend
+        multihost.initialize(settings, heartbeat_timeout_s=FLAGS.heartbeat_timeout_s,
+                             initialization_timeout_s=FLAGS.initialization_timeout_s)
+        if not multihost.is_primary():  # process 0 reports progress; the others warn only
+            logging.set_verbosity(logging.WARNING)
     from proxy_jax import train  # after flag parsing: keeps --help fast
 
     config = FLAGS.config
@@ -56,7 +85,8 @@ def main(argv):
         output = FLAGS.embed_output or os.path.join(workdir, "embeddings.npz")
         metrics = train.embed_folder(config, workdir, FLAGS.embed_folder, output)
     logging.info("done: %s", metrics)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    if multihost.is_primary():
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
 
 
 if __name__ == "__main__":

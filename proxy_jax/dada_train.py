@@ -629,6 +629,8 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
     ``proxy_jax.train.train_step`` and one loss.
     """
     num_pairs = _num_pairs(config)
+    if num_pairs is not None:  # each process checks its slice, which holds whole classes
+        num_pairs //= jax.process_count()
 
     def check_batch(labels: np.ndarray) -> None:
         if num_pairs is None:
@@ -656,10 +658,13 @@ def build(config: ml_collections.ConfigDict):
     """
     validate(config)
     mesh = train.make_mesh(config.num_devices)
-    batch = config.data.batch_size
-    if batch % mesh.devices.size or batch % jax.process_count():
-        raise ValueError(f"config.data.batch_size ({batch}) must be a multiple of the number of "
-                         f"devices ({mesh.devices.size}) and of processes ({jax.process_count()})")
+    train.check_batch_size(config, mesh)
+    local = config.data.batch_size // jax.process_count()
+    if config.dada.pos_class_mix and local % config.data.n_instance:
+        raise ValueError(f"DADA with pos_class_mix: each process's slice of the batch "
+                         f"({local} = config.data.batch_size / {jax.process_count()} processes) "
+                         f"must hold whole classes, a multiple of config.data.n_instance "
+                         f"({config.data.n_instance})")
     data = train.load_data(config)
     sampler = train.make_train_sampler(config, data.train)
     steps_per_epoch = train.steps_per_epoch_of(config, sampler)

@@ -76,8 +76,9 @@ class Objective(NamedTuple):
         unused.
       uses_proxies: whether ``params['proxies']`` [C, D] exists.
       init_memory: ``() -> MemVirState`` for MemVir, else None.
-      check_batch: host-side check of a batch's labels (NumPy [B]) for the regularizer's
-        batch contract (EE's pairs); raises ValueError.
+      check_batch: host-side check of the labels this process loads (NumPy [B / processes],
+        its contiguous slice of the global batch) for the regularizer's batch contract
+        (EE's pairs, DADA's classes); raises ValueError.
     """
 
     loss_fn: Callable[..., tuple]

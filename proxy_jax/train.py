@@ -10,6 +10,12 @@ sharded along it and the train state is replicated. The backbone runs sharded; i
 embeddings are then constrained to be replicated, so the loss, Proxy Synthesis and MemVir
 see the whole global batch exactly as on one device (current JAX recommends this over
 ``pmap``: XLA inserts the all-gather and the gradient all-reduce).
+
+Several processes (``proxy_jax.multihost``): the mesh spans every process's devices, in
+process order, and each process loads only its contiguous slice of every global batch, so
+the assembled batch, and everything computed from it, is the single-process one. Process 0
+alone computes the metrics (then shared with the others), writes TensorBoard events,
+pictures and ``metrics.json``; orbax writes each checkpoint once, from all processes.
 """
 
 from __future__ import annotations
@@ -31,14 +37,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from proxy_jax import config_utils, evaluation, models, visualize
+from proxy_jax import config_utils, evaluation, models, multihost, visualize
 from proxy_jax.data import datasets, embedded, pipeline, samplers, transforms
 from proxy_jax.objective import Objective, init_proxies, make_objective
 
 __all__ = [
     "SCHEDULES", "TrainState", "learning_rate_fn", "make_optimizer", "freeze_until",
     "create_model", "create_train_state", "train_step", "make_mesh", "parallelize",
-    "shard_batch", "load_data", "embed_dataset", "evaluate", "Checkpointer",
+    "check_batch_size", "shard_batch", "load_data", "embed_dataset", "evaluate", "Checkpointer",
     "train_and_evaluate", "evaluate_checkpoint", "embed_folder",
 ]
 
@@ -328,8 +334,16 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
 # ------------------------------------------------------------------ the parallel wrapper
 
 def make_mesh(num_devices: int = -1) -> Mesh:
-    """A 1-D mesh (axis 'data') over the first ``num_devices`` devices (-1: all)."""
-    devices = jax.devices()
+    """A 1-D mesh (axis 'data') over the first ``num_devices`` devices (-1: all).
+
+    Devices are ordered by process, so process p's devices hold the p-th contiguous slice
+    of a batch sharded on 'data' (what :func:`shard_batch` and the loader's shards assume).
+    With several processes the mesh spans all devices.
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if jax.process_count() > 1 and num_devices not in (-1, len(devices)):
+        raise ValueError(f"config.num_devices must be -1 (all {len(devices)} devices) in a run of "
+                         f"{jax.process_count()} processes, got {num_devices}")
     if num_devices != -1:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"config.num_devices must be -1 or in [1, {len(devices)}], got "
@@ -349,6 +363,14 @@ def parallelize(step_fn: Callable, mesh: Mesh, **static) -> Callable:
     fn = functools.partial(step_fn, replicated=replicated, **static)
     return jax.jit(fn, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
                    donate_argnums=(0,))
+
+
+def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch must split evenly over the processes and the mesh's devices."""
+    batch = config.data.batch_size
+    if batch % mesh.devices.size or batch % jax.process_count():
+        raise ValueError(f"config.data.batch_size ({batch}) must be a multiple of the number of "
+                         f"devices ({mesh.devices.size}) and of processes ({jax.process_count()})")
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -409,7 +431,8 @@ def evaluate(embed_fn: Callable, state: TrainState, data: Data, config, mesh: Me
     """Retrieval (and optionally clustering) metrics of the test set; pictures if workdir.
 
     Returns metrics as floats, keys as :func:`proxy_jax.evaluation.retrieval_metrics`
-    ('recall@1', …, 'r_precision', 'map@r'; 'nmi', 'f1' with ``config.eval.nmi``).
+    ('recall@1', …, 'r_precision', 'map@r'; 'nmi', 'f1' with ``config.eval.nmi``). With
+    several processes all must call it; process 0 computes, all return the same metrics.
     """
     variables = {"params": {k: v for k, v in state.params.items() if k != "proxies"},
                  "batch_stats": state.batch_stats}
@@ -417,14 +440,16 @@ def evaluate(embed_fn: Callable, state: TrainState, data: Data, config, mesh: Me
     gallery = gallery_y = None
     if data.gallery is not None:
         gallery, gallery_y = embed_dataset(embed_fn, variables, data.gallery, config, mesh)
-    metrics = evaluation.retrieval_metrics(query, query_y, ks=tuple(config.eval.ks),
-                                           gallery_embeddings=gallery, gallery_labels=gallery_y)
-    if config.eval.nmi:
-        metrics.update(evaluation.clustering_metrics(query, query_y, seed=config.seed))
-    metrics = {k: float(v) for k, v in metrics.items()}
-    if workdir is not None and jax.process_index() == 0:
-        _save_pictures(workdir, tag, query, query_y, gallery, gallery_y, data, config)
-    return metrics
+    metrics = None
+    if multihost.is_primary():  # computed once; every process holds all the embeddings
+        metrics = evaluation.retrieval_metrics(query, query_y, ks=tuple(config.eval.ks),
+                                               gallery_embeddings=gallery, gallery_labels=gallery_y)
+        if config.eval.nmi:
+            metrics.update(evaluation.clustering_metrics(query, query_y, seed=config.seed))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if workdir is not None:
+            _save_pictures(workdir, tag, query, query_y, gallery, gallery_y, data, config)
+    return multihost.broadcast_json(metrics)
 
 
 def _save_pictures(workdir, tag, query, query_y, gallery, gallery_y, data, config) -> None:
@@ -635,10 +660,8 @@ def _build(config: ml_collections.ConfigDict) -> _Run:
     config_utils.validate(config)
     _check_names(config)
     mesh = make_mesh(config.num_devices)
+    check_batch_size(config, mesh)
     batch = config.data.batch_size
-    if batch % mesh.devices.size or batch % jax.process_count():
-        raise ValueError(f"config.data.batch_size ({batch}) must be a multiple of the number of "
-                         f"devices ({mesh.devices.size}) and of processes ({jax.process_count()})")
     data = load_data(config)
     sampler = make_train_sampler(config, data.train)
     steps_per_epoch = steps_per_epoch_of(config, sampler)
@@ -759,7 +782,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         step_function(run), run.mesh, model=run.model, tx=run.tx, objective=run.objective,
         steps_per_epoch=run.steps_per_epoch, freeze_bn=config.model.freeze_bn)
     embed_fn = _make_embed_fn(run.model, run.mesh)
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    primary = multihost.is_primary()
+    # Process 0 logs; the others' writer drops everything (the values are the same).
+    writer = (metric_writers.create_default_writer(workdir) if primary
+              else metric_writers.MultiWriter([]))
     if record is None:
         writer.write_hparams(_flatten_config(config))
 
@@ -786,6 +812,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       metrics=metrics)
         checkpointer.save(state, rec, best=best)
 
+    def stop_agreed(stop) -> bool:
+        """Whether to stop now. With several processes a signal may reach some of them, or
+        reach them at different steps: they agree at every logging step (a collective)."""
+        if jax.process_count() == 1:
+            return stop.requested is not None
+        if step % config.log_every_steps:
+            return False
+        return multihost.any_process(stop.requested is not None)
+
     try:
         with _StopOnSignal() as stop:
             while step < run.total_steps:
@@ -801,7 +836,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 epoch = (step - 1) // run.steps_per_epoch
                 evaluate_now = step == run.total_steps or (
                     end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0)
-                if step % config.log_every_steps == 0 or evaluate_now or stop.requested:
+                stopping = stop_agreed(stop)
+                if step % config.log_every_steps == 0 or evaluate_now or stopping:
                     fetched = check_pending()
                     now = time.perf_counter()
                     rate = (step - timer[1]) / max(now - timer[0], 1e-9)
@@ -828,15 +864,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     save(metrics=last_metrics)
                     if improved:
                         save(metrics=last_metrics, best=True)
-                    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-                        json.dump({"step": step, **last_metrics}, f, indent=2)
+                    if primary:
+                        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+                            json.dump({"step": step, **last_metrics}, f, indent=2)
                 elif (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) \
-                        or stop.requested:
+                        or stopping:
                     check_pending()
                     save()
-                if stop.requested:
-                    logging.warning("stopped by signal %d at step %d; resume with the same "
-                                    "command", stop.requested, step)
+                if stopping:
+                    logging.warning("stopped by a signal at step %d; resume with the same "
+                                    "command", step)
                     break
         writer.flush()
     finally:
@@ -904,9 +941,10 @@ def embed_folder(config: ml_collections.ConfigDict, workdir: str, folder: str, o
     if not has_classes:
         labels = np.full(len(labels), -1, np.int64)
     paths = np.asarray([p for p, _ in dataset.samples])
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    np.savez(output, embeddings=embeddings, labels=labels, paths=paths,
-             classes=np.asarray(classes))
+    if multihost.is_primary():
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        np.savez(output, embeddings=embeddings, labels=labels, paths=paths,
+                 classes=np.asarray(classes))
     logging.info("wrote %d embeddings (checkpoint step %d) to %s", len(embeddings),
                  record["step"], output)
     return {"num_images": len(embeddings), "dim": embeddings.shape[1], "step": record["step"]}
