@@ -59,6 +59,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import ModuleType
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -252,6 +253,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.input_size ({c.data.input_size}) must be <= "
                          f"config.data.resize ({c.data.resize}): the test crop is taken from "
                          "the resized image")
+
+
+def override(config: ml_collections.ConfigDict, changes: Mapping[str, Any]
+             ) -> ml_collections.ConfigDict:
+    """Sets dotted fields in place, as ``--config.x.y=…`` does; returns ``config``.
+
+    ``override(config, {"data.batch_size": 64, "loss.scale": 23.0})``: for sweeps and tests.
+
+    Raises:
+      KeyError: a path that is not a field, naming it.
+      TypeError: ml_collections' error for a value of the wrong type.
+    """
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for i, name in enumerate(parents + [leaf]):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise KeyError(f"config has no field {'.'.join(parents[:i] + [name])!r} "
+                               f"(setting {path!r})")
+            if i < len(parents):
+                node = node[name]
+        node[leaf] = value
+    return config
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -733,18 +733,8 @@ def train_step(state: train.TrainState, batch: dict, *, model, tx: optax.Gradien
                         state.step // steps_per_epoch >= plan.d_warmup_epochs)
 
     def embed(net_params):
-        variables = {"params": net_params, "batch_stats": state.batch_stats}
-        if freeze_bn:
-            embeddings = model.apply(variables, batch["image"], train=True)
-            batch_stats = state.batch_stats
-        else:
-            embeddings, updates = model.apply(variables, batch["image"], train=True,
-                                              mutable=["batch_stats"])
-            batch_stats = updates["batch_stats"]
-        embeddings = embeddings.astype(jnp.float32)
-        if replicated is not None:
-            embeddings = jax.lax.with_sharding_constraint(embeddings, replicated)
-        return embeddings, batch_stats
+        return train.forward_global(model, net_params, state.batch_stats, batch["image"],
+                                    freeze_bn=freeze_bn, replicated=replicated)
 
     side = state.memory
     (params, opt_state, disc_params, disc_stats, disc_opt_state, batch_stats,

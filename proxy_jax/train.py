@@ -43,9 +43,9 @@ from proxy_jax.objective import Objective, init_proxies, make_objective
 
 __all__ = [
     "SCHEDULES", "TrainState", "learning_rate_fn", "make_optimizer", "freeze_until",
-    "create_model", "create_train_state", "train_step", "make_mesh", "parallelize",
-    "check_batch_size", "shard_batch", "load_data", "embed_dataset", "evaluate", "Checkpointer",
-    "train_and_evaluate", "evaluate_checkpoint", "embed_folder",
+    "create_model", "create_train_state", "forward_global", "train_step", "make_mesh",
+    "parallelize", "check_batch_size", "shard_batch", "load_data", "embed_dataset", "evaluate",
+    "Checkpointer", "train_and_evaluate", "evaluate_checkpoint", "embed_folder",
 ]
 
 Array = jax.Array
@@ -288,6 +288,32 @@ def create_train_state(config: ml_collections.ConfigDict, model, objective: Obje
 
 # ------------------------------------------------------------------------------ the step
 
+def forward_global(model, net_params: dict, batch_stats: Any, images: Array, *, freeze_bn: bool,
+                   replicated: Optional[NamedSharding] = None) -> tuple[Array, Any]:
+    """The training-mode forward of the global batch (shared by every train step).
+
+    Args:
+      net_params: the network's parameters (no proxies).
+      images: float [B, H, W, 3], sharded on the batch.
+      freeze_bn: use and keep the running BatchNorm statistics.
+      replicated: the mesh's replicated sharding; the embeddings are gathered to it so
+        that the loss and the regularizers see the whole global batch.
+
+    Returns:
+      Embeddings float32 [B, D] and the BatchNorm statistics after this batch.
+    """
+    variables = {"params": net_params, "batch_stats": batch_stats}
+    if freeze_bn:
+        embeddings = model.apply(variables, images, train=True)
+    else:
+        embeddings, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
+    embeddings = embeddings.astype(jnp.float32)
+    if replicated is not None:
+        embeddings = jax.lax.with_sharding_constraint(embeddings, replicated)
+    return embeddings, batch_stats
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                objective: Objective, steps_per_epoch: int, freeze_bn: bool,
                replicated: Optional[NamedSharding] = None) -> tuple[TrainState, dict]:
@@ -307,16 +333,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
 
     def loss_fn(params):
         net_params = {k: v for k, v in params.items() if k != "proxies"}
-        variables = {"params": net_params, "batch_stats": state.batch_stats}
-        if freeze_bn:
-            embeddings, batch_stats = model.apply(variables, batch["image"], train=True), state.batch_stats
-        else:
-            embeddings, updates = model.apply(variables, batch["image"], train=True,
-                                              mutable=["batch_stats"])
-            batch_stats = updates["batch_stats"]
-        embeddings = embeddings.astype(jnp.float32)
-        if replicated is not None:
-            embeddings = jax.lax.with_sharding_constraint(embeddings, replicated)
+        embeddings, batch_stats = forward_global(model, net_params, state.batch_stats,
+                                                 batch["image"], freeze_bn=freeze_bn,
+                                                 replicated=replicated)
         loss, memory = objective.loss_fn(embeddings, batch["label"], params.get("proxies"),
                                          key=key, memory=state.memory, epoch=epoch)
         return loss.astype(jnp.float32), (batch_stats, memory)

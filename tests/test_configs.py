@@ -82,13 +82,7 @@ def test_config_trains_one_step_on_tiny_shapes(path, tiny_root):
 
 
 def _bad(config, **changes):
-    for path, value in changes.items():
-        node = config
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return config_utils.override(config, changes)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -123,6 +117,20 @@ def test_validate_rejects_unknown_missing_and_mistyped_fields():
         config.data.batch_size = "128"
     with pytest.raises(ValueError, match=r"config.data.batch_size must be of type int"):
         config_utils.validate(config)
+
+
+def test_override_sets_dotted_fields_and_names_unknown_ones():
+    config = config_utils.override(config_utils.base_config(),
+                                   {"data.batch_size": 64, "loss.scale": 23, "seed": 3})
+    assert (config.data.batch_size, config.loss.scale, config.seed) == (64, 23.0, 3)
+    with pytest.raises(KeyError, match=r"no field 'data.batchsize'"):
+        config_utils.override(config, {"data.batchsize": 32})
+    with pytest.raises(KeyError, match=r"no field 'dat'"):
+        config_utils.override(config, {"dat.batch_size": 32})
+    with pytest.raises(KeyError, match=r"no field 'seed.x'"):
+        config_utils.override(config, {"seed.x": 1})
+    with pytest.raises(TypeError):
+        config_utils.override(config, {"data.batch_size": "many"})
 
 
 def test_registry_names_are_checked_before_reading_data():

@@ -36,13 +36,7 @@ def tiny_config(name, root, **changes):
     c.eval.nmi = False
     c.eval.num_queries = 0
     c.eval.map_points = 0
-    for path, value in changes.items():
-        node = c
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_utils.override(c, changes)
 
 
 def _step_fn(run):

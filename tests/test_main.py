@@ -1,6 +1,7 @@
 """main.py end to end: train writes checkpoints, TensorBoard events, pictures and metrics;
 evaluate and embed modes read them back; a bad override fails naming the key."""
 
+import ast
 import glob
 import json
 import os
@@ -12,7 +13,6 @@ import pytest
 from PIL import Image
 
 from proxy_jax import config_utils, train
-from proxy_jax.data import embedded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.dataset=folder", "--config.data.input_size=16", "--config.data.resize=16",
@@ -21,13 +21,6 @@ TINY = ["--config.data.dataset=folder", "--config.data.input_size=16", "--config
         "--config.num_train_steps=3", "--config.steps_per_epoch=2", "--config.eval.every_epochs=1",
         "--config.log_every_steps=1", "--config.eval.num_queries=4", "--config.eval.top_k=3",
         "--config.eval.map_points=50"]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return embedded.ensure_embedded_dataset(
-        str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
-        images_per_class=6, image_size=16)
 
 
 def _main(*args, timeout=600):
@@ -73,16 +66,17 @@ def test_tensorboard_has_loss_learning_rates_norms_and_metrics(trained):
 
 
 def _config(tiny_root):
+    """The config the command line of ``trained`` builds (literal values parsed)."""
+    def literal(value):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value  # a string field
+
     config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))
-    for arg in TINY + [f"--config.data.root={tiny_root}"]:
-        path, value = arg[len("--config."):].split("=", 1)
-        *parents, leaf = path.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value)
-    config.num_devices = 1
-    return config
+    flags = dict(arg[len("--config."):].split("=", 1) for arg in TINY)
+    changes = {path: literal(value) for path, value in flags.items()}
+    return config_utils.override(config, {**changes, "data.root": tiny_root, "num_devices": 1})
 
 
 def test_evaluate_and_embed_modes_read_the_checkpoint(trained, tiny_root, tmp_path):
