@@ -11,6 +11,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402  (after the environment above)
 
+# torch, a test-only reference, imports its compiler stack (torch._dynamo, triton) lazily,
+# e.g. when the first optimizer is built. Done after TensorFlow (clu's writers, tfds) is
+# loaded in the same worker, that import segfaults it; done first, it is harmless.
+try:
+    import torch._dynamo  # noqa: F401, E402
+except ImportError:  # torch not installed: its tests skip themselves
+    pass
+
 
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
