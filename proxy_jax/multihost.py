@@ -139,7 +139,7 @@ def broadcast_json(value: Any, *, max_bytes: int = 1 << 16) -> Any:
     if jax.process_count() == 1:
         return value
     buffer = np.zeros(max_bytes + 4, np.uint8)
-    if jax.process_index() == 0:
+    if is_primary():
         data = json.dumps(value).encode()
         if len(data) > max_bytes:
             raise ValueError(f"broadcast_json: {len(data)} bytes exceed max_bytes={max_bytes}")

@@ -831,15 +831,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       metrics=metrics)
         checkpointer.save(state, rec, best=best)
 
-    def stop_agreed(stop) -> bool:
-        """Whether to stop now. With several processes a signal may reach some of them, or
-        reach them at different steps: they agree at every logging step (a collective)."""
-        if jax.process_count() == 1:
-            return stop.requested is not None
-        if step % config.log_every_steps:
-            return False
-        return multihost.any_process(stop.requested is not None)
-
     try:
         with _StopOnSignal() as stop:
             while step < run.total_steps:
@@ -855,8 +846,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 epoch = (step - 1) // run.steps_per_epoch
                 evaluate_now = step == run.total_steps or (
                     end_of_epoch and (epoch + 1) % config.eval.every_epochs == 0)
-                stopping = stop_agreed(stop)
-                if step % config.log_every_steps == 0 or evaluate_now or stopping:
+                log_now = step % config.log_every_steps == 0
+                stopping = stop.requested is not None
+                if jax.process_count() > 1:
+                    # A signal may reach some processes, or reach them at different steps:
+                    # they agree at logging steps (a collective, so only there).
+                    stopping = log_now and multihost.any_process(stopping)
+                if log_now or evaluate_now or stopping:
                     fetched = check_pending()
                     now = time.perf_counter()
                     rate = (step - timer[1]) / max(now - timer[0], 1e-9)
