@@ -11,7 +11,9 @@ Linear(2048, 512) → l2 normalization, the Flax one loaded from the torch weigh
 Fairness: both run in one process pinned to the same ``--threads`` cores
 (``os.sched_setaffinity``, ``torch.set_num_threads``; XLA's CPU pool follows the affinity);
 PyTorch runs channels-last (its fastest CPU layout with oneDNN; ``--torch-format contiguous``
-for NCHW); XLA flags can be added with ``--xla-flags``. The two implementations alternate in
+for NCHW); XLA flags can be added with ``--xla-flags``. proxy_jax runs once per
+convolution implementation of ``--conv`` (proxy_jax.models.onednn_conv: 'onednn', the CPU
+default, and 'xla', XLA's own), each a row. The implementations alternate in
 blocks (order flipped every block); each block records wall time, this process's CPU time
 and the load average; blocks where the process got less than ``--min-util`` of its cores
 (other work on the machine) are discarded if any clean block remains; medians are reported.
@@ -45,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--torch-format", choices=("channels_last", "contiguous"),
                    default="channels_last")
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS")
+    p.add_argument("--conv", default="onednn,xla",
+                   help="comma-separated PROXY_JAX_CONV modes to measure on the CPU")
     p.add_argument("--quick", action="store_true",
                    help="batches 16 / 8 and a single timed block")
     args = p.parse_args(argv)
@@ -66,7 +70,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from proxy_jax.convert import convert_state_dict  # noqa: E402
-from proxy_jax.models import create_model  # noqa: E402
+from proxy_jax.models import create_model, onednn_conv  # noqa: E402
 from proxy_jax.models.weights import backbone_shapes  # noqa: E402
 
 EMBEDDING_DIM = 512
@@ -109,9 +113,9 @@ def _unflatten(flat):
     return traverse_util.unflatten_dict(flat)
 
 
-def make_runners(args, tmodel, variables, dtype=jnp.float32, device=None):
-    """{'forward': fn, 'forward+backward': fn} for both implementations (each fn runs one
-    batch to completion)."""
+def make_runners(args, tmodel, variables, dtype=jnp.float32, device=None, conv="auto"):
+    """{(pass, implementation): fn}, each fn running one batch to completion; proxy_jax is
+    'proxy_jax', traced here with PROXY_JAX_CONV=conv (the choice is made at trace time)."""
     model = create_model(backbone=args.arch, embedding_dim=EMBEDDING_DIM, pooling="gap",
                          dtype=dtype)
     rng = np.random.default_rng(0)
@@ -136,6 +140,16 @@ def make_runners(args, tmodel, variables, dtype=jnp.float32, device=None):
 
     jax_grad = jax.jit(jax.grad(jax_loss))
 
+    saved = os.environ.get(onednn_conv.ENV_VAR)
+    os.environ[onednn_conv.ENV_VAR] = conv
+    try:  # trace (and compile) now, under this convolution mode
+        jax_forward = jax_forward.lower(v, jxf).compile()
+        jax_grad = jax_grad.lower(v["params"], v["batch_stats"], jxt, jtarget).compile()
+    finally:
+        if saved is None:
+            del os.environ[onednn_conv.ENV_VAR]
+        else:
+            os.environ[onednn_conv.ENV_VAR] = saved
     runners = {
         ("forward", "proxy_jax"): lambda: jax_forward(v, jxf).block_until_ready(),
         ("forward+backward", "proxy_jax"): lambda: jax.block_until_ready(
@@ -167,9 +181,9 @@ def make_runners(args, tmodel, variables, dtype=jnp.float32, device=None):
         tmodel.eval()
         with torch.no_grad():
             want = tmodel(txf[:2]).numpy()
-        got = np.asarray(jax_forward(v, jxf[:2]))
+        got = np.asarray(jax_forward(v, jxf))[:2]
         err = np.max(np.abs(got - want)) / np.max(np.abs(want))
-        print(f"# forward agreement proxy_jax vs torch: max rel error {err:.2e}")
+        print(f"# forward agreement proxy_jax ({conv} conv) vs torch: max rel error {err:.2e}")
         assert err < 1e-3, err
     return runners
 
@@ -209,8 +223,13 @@ def main(args):
     tmodel, variables = build(args)
     passes = ("forward", "forward+backward")
     cpu = jax.devices("cpu")[0]
-    runners = make_runners(args, tmodel, variables, device=cpu)
-    res = measure(args, runners, passes, ("proxy_jax", "torch"))
+    modes = args.conv.split(",")
+    runners = {}
+    for i, mode in enumerate(modes):
+        r = make_runners(args, tmodel if i == 0 else None, variables, device=cpu, conv=mode)
+        runners.update({(k[0], f"proxy_jax/{mode}" if k[1] == "proxy_jax" else k[1]): fn
+                        for k, fn in r.items()})
+    res = measure(args, runners, passes, tuple(f"proxy_jax/{m}" for m in modes) + ("torch",))
 
     cpu_name = platform.processor() or platform.machine()
     try:
@@ -221,29 +240,31 @@ def main(args):
     print(f"\n{args.arch} {args.size}x{args.size}, CPU: {cpu_name}, {args.threads} threads "
           f"(torch {torch.__version__} {args.torch_format}, jax {jax.__version__}"
           f"{', XLA_FLAGS=' + os.environ['XLA_FLAGS'] if os.environ.get('XLA_FLAGS') else ''})\n")
-    print("| device | pass | batch | proxy_jax img/s | torch img/s | ratio | clean blocks | load |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in passes:
-        batch = args.forward_batch if name == "forward" else args.train_batch
-        j, jc, n, load = res[(name, "proxy_jax")]
-        t, tc, _, _ = res[(name, "torch")]
-        print(f"| CPU float32 | {name} | {batch} | {j:.2f} | {t:.2f} | {j / t:.2f} | "
-              f"{min(jc, tc)}/{n} | {load:.1f} |")
+    print("| device | conv | pass | batch | proxy_jax img/s | torch img/s | ratio | clean blocks "
+          "| load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        for name in passes:
+            batch = args.forward_batch if name == "forward" else args.train_batch
+            j, jc, n, load = res[(name, f"proxy_jax/{mode}")]
+            t, tc, _, _ = res[(name, "torch")]
+            print(f"| CPU float32 | {mode} | {name} | {batch} | {j:.2f} | {t:.2f} | {j / t:.2f} | "
+                  f"{min(jc, tc)}/{n} | {load:.1f} |")
 
     try:
         gpus = jax.devices("gpu")
     except RuntimeError:
         gpus = []
     if not gpus:
-        print("| GPU | - | - | no GPU visible to JAX in this run | - | - | - | - |")
+        print("| GPU | - | - | - | no GPU visible to JAX in this run | - | - | - | - |")
         return
     for dtype in (jnp.float32, jnp.bfloat16):
-        runners = make_runners(args, None, variables, dtype=dtype, device=gpus[0])
+        runners = make_runners(args, None, variables, dtype=dtype, device=gpus[0], conv="xla")
         gres = measure(args, runners, passes, ("proxy_jax",))
         for name in passes:
             batch = args.forward_batch if name == "forward" else args.train_batch
             j, *_ = gres[(name, "proxy_jax")]
-            print(f"| {gpus[0].device_kind} {jnp.dtype(dtype).name} | {name} | {batch} | "
+            print(f"| {gpus[0].device_kind} {jnp.dtype(dtype).name} | xla | {name} | {batch} | "
                   f"{j:.1f} | - | - | - | - |")
 
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from proxy_jax.models import onednn_conv
+
 __all__ = ["Conv", "BatchNorm", "ConvBN", "max_pool", "avg_pool", "conv_init"]
 
 # torchvision initialises its convolutions with kaiming_normal_(mode='fan_out', relu);
@@ -24,9 +26,10 @@ class Conv(nn.Module):
 
     Square kernel, explicit symmetric zero padding; parameters 'kernel' [k, k, C_in, features]
     (HWIO) and, with ``bias``, 'bias' [features], float32 whatever ``dtype`` computes in.
-    Unpadded 1x1 convolutions are computed as a matrix product: XLA's CPU backend runs
-    those (and, above all, their gradients) 2-4x faster as a dot than as a convolution, and
-    they carry most of ResNet-50's FLOPs.
+    On the CPU the convolution is oneDNN's (see proxy_jax.models.onednn_conv). Otherwise
+    XLA's, except that unpadded 1x1 convolutions are a matrix product there: XLA's CPU
+    backend runs those (and, above all, their gradients) 2-4x faster as a dot than as a
+    convolution.
     """
 
     features: int
@@ -41,7 +44,9 @@ class Conv(nn.Module):
         k, s, p = self.kernel, self.stride, self.padding
         kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if k == 1 and p == 0:
+        if onednn_conv.use_onednn(self.dtype):
+            y = onednn_conv.conv2d(x, kernel, s, p)
+        elif k == 1 and p == 0:
             y = jnp.einsum("bhwc,cd->bhwd", x[:, ::s, ::s] if s > 1 else x, kernel[0, 0])
         else:
             y = lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),

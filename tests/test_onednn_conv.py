@@ -1,0 +1,187 @@
+"""proxy_jax.models.onednn_conv: oneDNN convolutions on the CPU, checked against XLA's
+convolution and PyTorch's, and the PROXY_JAX_CONV selection rules.
+
+The library is built from source on first use (the C++ compiler and the oneDNN wheels in
+requirements.txt); on x86-64 Linux, where requirements.txt installs oneDNN, failing to build
+is a test failure, not a skip.
+"""
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from proxy_jax.models import onednn_conv
+
+ONEDNN_EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+@pytest.fixture(scope="module")
+def library():
+    reason = onednn_conv.unavailable_reason()
+    if reason is not None and not ONEDNN_EXPECTED:
+        pytest.skip(f"no oneDNN wheel for this platform: {reason}")
+    assert reason is None, reason
+
+
+def _xla_conv(x, w, stride, padding):
+    return lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _relative_error(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# (batch, height, width, C_in, C_out, kernel, stride, padding): odd and even sizes, strides
+# that leave part of the padding unused, 1x1 strided (ResNet's downsample), the 7x7 stem.
+CASES = [
+    (2, 8, 8, 3, 5, 3, 1, 1),
+    (2, 9, 7, 4, 6, 3, 2, 1),
+    (3, 8, 8, 4, 6, 1, 2, 0),
+    (1, 9, 9, 5, 3, 1, 1, 0),
+    (2, 16, 12, 3, 8, 7, 2, 3),
+    (1, 11, 11, 2, 3, 5, 3, 2),
+    (2, 6, 6, 16, 16, 3, 1, 0),
+]
+
+
+@pytest.mark.parametrize("b,h,w,c,o,k,s,p", CASES)
+def test_forward_and_gradients_match_xla(library, b, h, w, c, o, k, s, p):
+    rng = np.random.default_rng(k * 100 + s * 10 + p)
+    x = rng.normal(size=(b, h, w, c)).astype(np.float32)
+    kernel = rng.normal(size=(k, k, c, o)).astype(np.float32)
+
+    want = jax.jit(lambda x, w: _xla_conv(x, w, s, p))(x, kernel)
+    got = jax.jit(lambda x, w: onednn_conv.conv2d(x, w, s, p))(x, kernel)
+    assert got.shape == want.shape
+    assert _relative_error(got, want) < 1e-5
+
+    cotangent = rng.normal(size=want.shape).astype(np.float32)
+
+    def vjp(conv):
+        return jax.jit(lambda x, w: jax.vjp(lambda x, w: conv(x, w, s, p), x, w)[1](cotangent))
+
+    want_dx, want_dw = vjp(_xla_conv)(x, kernel)
+    got_dx, got_dw = vjp(onednn_conv.conv2d)(x, kernel)
+    assert _relative_error(got_dx, want_dx) < 1e-5
+    assert _relative_error(got_dw, want_dw) < 1e-5
+
+
+def test_matches_torch_conv2d(library):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 10, 10, 4)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+    tw = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    ty = torch.nn.functional.conv2d(tx, tw, stride=2, padding=1)
+    (ty ** 2).sum().backward()
+
+    y, (dx, dw) = jax.value_and_grad(
+        lambda x, w: jnp.sum(onednn_conv.conv2d(x, w, 2, 1) ** 2), (0, 1))(x, kernel)
+    assert _relative_error(y, (ty ** 2).sum().item()) < 1e-5
+    assert _relative_error(dx, tx.grad.permute(0, 2, 3, 1).numpy()) < 1e-5
+    assert _relative_error(dw, tw.grad.permute(2, 3, 1, 0).numpy()) < 1e-5
+
+
+def test_vmap_and_sharded_inputs_compute_the_same(library):
+    """vmap runs the call per element; on a device mesh XLA runs it whole (gathered) per
+    device: slower, as the module says, but correct."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 2, 8, 8, 3)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    want = jax.vmap(lambda x: _xla_conv(x, kernel, 1, 1))(x)
+    got = jax.jit(jax.vmap(lambda x: onednn_conv.conv2d(x, kernel, 1, 1)))(x)
+    assert _relative_error(got, want) < 1e-5
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    batch = jax.device_put(rng.normal(size=(len(jax.devices()), 9, 9, 3)).astype(np.float32),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    grad = jax.jit(jax.grad(lambda w, x: jnp.sum(onednn_conv.conv2d(x, w, 2, 1) ** 2)))
+    want_grad = jax.grad(lambda w, x: jnp.sum(_xla_conv(x, w, 2, 1) ** 2))(kernel, batch)
+    assert _relative_error(grad(kernel, batch), want_grad) < 1e-5
+
+
+def _uses_onednn(fn, *args) -> bool:
+    """Traces ``fn`` afresh (jit caches traces per function, and the choice is made when
+    tracing) and looks for the oneDNN call in the program."""
+    return "proxy_jax_onednn_conv" in jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+def test_conv_mode_selection(library, monkeypatch):
+    from proxy_jax.models.layers import Conv
+
+    x = jnp.ones((1, 6, 6, 2))
+    conv = Conv(3, 3, padding=1)
+    variables = conv.init(jax.random.PRNGKey(0), x)
+    apply = lambda v, x: conv.apply(v, x)  # noqa: E731
+
+    monkeypatch.setenv(onednn_conv.ENV_VAR, "onednn")
+    assert _uses_onednn(apply, variables, x)
+    bf16 = Conv(3, 3, padding=1, dtype=jnp.bfloat16)  # float32 only: bfloat16 stays XLA's
+    assert not _uses_onednn(lambda v, x: bf16.apply(v, x), variables, x)
+    monkeypatch.setenv(onednn_conv.ENV_VAR, "xla")
+    assert not _uses_onednn(apply, variables, x)
+    # auto: these tests run on 8 CPU devices, where XLA's convolution is kept...
+    monkeypatch.setenv(onednn_conv.ENV_VAR, "auto")
+    assert jax.device_count() > 1 and not _uses_onednn(apply, variables, x)
+    # ...and a single CPU device (the default machine) gets oneDNN.
+    monkeypatch.setattr(onednn_conv.jax, "device_count", lambda: 1)
+    assert _uses_onednn(apply, variables, x)
+    monkeypatch.setenv(onednn_conv.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="PROXY_JAX_CONV='fastest'.*auto, xla, onednn"):
+        onednn_conv.use_onednn(jnp.float32)
+
+
+def test_without_a_compiler_auto_falls_back_and_onednn_says_why(tmp_path):
+    """A fresh single-device process whose compiler is missing: 'auto' warns and computes
+    with XLA,
+    'onednn' raises an error naming the missing compiler."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from proxy_jax.models import onednn_conv\n"
+        "from proxy_jax.models.layers import Conv\n"
+        "x = jnp.ones((1, 5, 5, 2)); m = Conv(3, 3, padding=1)\n"
+        "y = m.apply(m.init(jax.random.PRNGKey(0), x), x)\n"
+        "print('shape', y.shape)\n")
+    env = dict(os.environ, CXX="/nonexistent/c++", PROXY_JAX_CACHE_DIR=str(tmp_path),
+               PROXY_JAX_CONV="auto", XLA_FLAGS="", PYTHONPATH=os.getcwd())
+    auto = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert auto.returncode == 0, auto.stderr
+    assert "shape (1, 5, 5, 3)" in auto.stdout
+    assert "oneDNN convolutions unavailable" in auto.stderr
+    assert "no C++ compiler" in auto.stderr
+    forced = subprocess.run([sys.executable, "-c", code],
+                            env=dict(env, PROXY_JAX_CONV="onednn"), capture_output=True,
+                            text=True, timeout=120)
+    assert forced.returncode != 0
+    assert "PROXY_JAX_CONV=onednn but oneDNN convolutions are unavailable" in forced.stderr
+    assert "/nonexistent/c++" in forced.stderr
+    assert os.listdir(tmp_path) == []  # nothing half-built left behind
+
+
+def test_build_failure_reports_the_compiler_output(tmp_path):
+    """A compiler that fails: the reason carries its message, and no file is left."""
+    fake = tmp_path / "fake-c++"
+    fake.write_text("#!/bin/sh\necho 'fatal: no room' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    cache = tmp_path / "cache"
+    code = ("from proxy_jax.models import onednn_conv\n"
+            "print(onednn_conv.unavailable_reason())\n")
+    env = dict(os.environ, CXX=str(fake), PROXY_JAX_CACHE_DIR=str(cache), XLA_FLAGS="",
+               PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if "oneDNN not found" in out.stdout and not ONEDNN_EXPECTED:
+        pytest.skip("no oneDNN on this platform")
+    assert "compiling" in out.stdout and "fatal: no room" in out.stdout
+    assert not any(cache.glob("*.so"))
