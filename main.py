@@ -46,6 +46,9 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100, "A multi-process run fails when
                      "been silent this long; the others then exit naming it.")
 flags.DEFINE_integer("initialization_timeout_s", 300, "How long processes wait for each other "
                      "to join a multi-process run.")
+flags.DEFINE_bool("keep_freed_memory", True, "glibc malloc keeps freed memory for reuse "
+                  "instead of unmapping it, so XLA's per-step buffers do not page-fault every "
+                  "step on the CPU (see proxy_jax/malloc.py).")
 FLAGS = flags.FLAGS
 
 
@@ -60,6 +63,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    if FLAGS.keep_freed_memory:  # before JAX starts its threads
+        from proxy_jax import malloc
+        malloc.keep_freed_memory()
     from proxy_jax import multihost
 
     settings = multihost.resolve(

@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS")
     p.add_argument("--conv", default="onednn,xla",
                    help="comma-separated PROXY_JAX_CONV modes to measure on the CPU")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: proxy_jax.malloc.keep_freed_memory() as main.py does (one "
+                        "process: it applies to torch too); default: glibc's settings")
     p.add_argument("--quick", action="store_true",
                    help="batches 16 / 8 and a single timed block")
     args = p.parse_args(argv)
@@ -61,6 +64,9 @@ ARGS = parse_args()
 # Before jax is imported: XLA reads its flags and sizes its CPU thread pool at start-up.
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
+if ARGS.malloc == "keep":  # before any library starts threads
+    from proxy_jax import malloc  # noqa: E402
+    malloc.keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -238,7 +244,8 @@ def main(args):
     except (OSError, StopIteration):
         pass
     print(f"\n{args.arch} {args.size}x{args.size}, CPU: {cpu_name}, {args.threads} threads "
-          f"(torch {torch.__version__} {args.torch_format}, jax {jax.__version__}"
+          f"(torch {torch.__version__} {args.torch_format}, jax {jax.__version__}, "
+          f"malloc {args.malloc}"
           f"{', XLA_FLAGS=' + os.environ['XLA_FLAGS'] if os.environ.get('XLA_FLAGS') else ''})\n")
     print("| device | conv | pass | batch | proxy_jax img/s | torch img/s | ratio | clean blocks "
           "| load |")

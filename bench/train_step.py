@@ -39,6 +39,9 @@ def _parse():
     p.add_argument("--min_cpu_share", type=float, default=0.7)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="proxy_jax compute dtype (torch stays float32 on the CPU)")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: proxy_jax.malloc.keep_freed_memory() as main.py does (one "
+                        "process: it applies to torch too); default: glibc's settings")
     return p.parse_args()
 
 
@@ -153,13 +156,17 @@ if __name__ == "__main__":
     args = _parse()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    if args.malloc == "keep":  # before any library starts threads
+        from proxy_jax import malloc
+        malloc.keep_freed_memory()
     import torch
 
     torch.set_num_threads(args.threads)
     import jax
 
     print(f"devices: {jax.devices()}  threads: {args.threads}  batch {args.batch}, "
-          f"{args.size}x{args.size}, proxy_jax {args.dtype}; load {os.getloadavg()}")
+          f"{args.size}x{args.size}, proxy_jax {args.dtype}, malloc {args.malloc}; "
+          f"load {os.getloadavg()}")
     impls = {"proxy_jax": _jax_step(args), "torch": _torch_step(args)}
     med, note, dropped = timed_blocks(impls, args, unit="s/step")
     print()

@@ -296,6 +296,29 @@ def test_pooling_matches_torch(size, window, stride, padding, ceil_mode, count_i
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("size,window,stride,padding,ceil_mode", [
+    ((7, 8), 3, 2, 0, True), ((6, 9), 3, 1, 1, True), ((9, 6), 3, 2, 1, False),
+    ((5, 5), 2, 2, 0, True), ((7, 5), 3, 2, 1, True)])
+def test_max_pool_gradient_matches_torch_with_ties(size, window, stride, padding, ceil_mode):
+    """Each output's gradient goes to the first maximum of its window, as in PyTorch; the
+    input is ReLU-like (many zeros), so most windows hold ties."""
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.normal(size=(2, 3, *size)), 0).round(1).astype(np.float32)
+    t = torch.from_numpy(x).requires_grad_()
+    want_y = F.max_pool2d(t, window, stride, padding, ceil_mode=ceil_mode)
+    dy = rng.normal(size=tuple(want_y.shape)).astype(np.float32)
+    want_y.backward(torch.from_numpy(dy))
+
+    def pool(v):
+        return max_pool(v, window=window, stride=stride, padding=padding, ceil_mode=ceil_mode)
+
+    y, vjp = jax.vjp(pool, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    (dx,) = vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(np.asarray(y).transpose(0, 3, 1, 2), want_y.detach().numpy())
+    np.testing.assert_allclose(np.asarray(dx).transpose(0, 3, 1, 2), t.grad.numpy(),
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("pooling", ["gap", "gmp", "gap+gmp"])
 def test_global_pool(pooling):
     f = np.random.default_rng(4).normal(size=(2, 3, 5, 6)).astype(np.float32)

@@ -195,6 +195,22 @@ def test_step_is_independent_of_the_device_count(tiny_root, changes, num_steps):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_step_is_independent_of_the_convolution_implementation(tiny_root, monkeypatch):
+    """oneDNN convolutions (what a one-device CPU run uses) and XLA's give the same training
+    (tiny_cnn, BatchNorm trained, Norm-SoftMax + PS, 2 steps)."""
+    config = tiny_config(tiny_root, **{"optimizer.eps": 0.01, "regularizer.name": "ps"})
+    initial = _initial(config)
+    runs = {}
+    for conv in ("xla", "onednn"):
+        monkeypatch.setenv("PROXY_JAX_CONV", conv)
+        runs[conv] = _one_run(config, initial, 1, 2)
+    (xla_losses, xla_state), (losses, state) = runs["xla"], runs["onednn"]
+    np.testing.assert_allclose(losses, xla_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                    jax.tree.leaves((xla_state.params, xla_state.batch_stats))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ resume, NaN, workdir
 
 def _latest_state(workdir, config):

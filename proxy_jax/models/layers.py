@@ -5,6 +5,7 @@ The pretrained weights come from PyTorch models, so padding, pooling and BatchNo
 counts padding); module names follow the PyTorch attribute names so that a state_dict key
 ``a.b.weight`` maps to the Flax path ``a/b/kernel`` (see proxy_jax.convert).
 """
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -120,25 +121,67 @@ def max_pool(x: jax.Array, *, window: int, stride: int, padding: int = 0,
              ceil_mode: bool = False) -> jax.Array:
     """torch.nn.MaxPool2d on [B, H, W, C]: padding with -inf, optional ceil_mode.
 
-    Computed as an elementwise maximum over the window's window² strided slices rather than
-    ``lax.reduce_window``: same values, but XLA's CPU gradient of reduce_window
-    (select-and-scatter) is ~6x slower than the fused selects of this form. Where several
-    inputs tie for the maximum the gradient is shared among them (PyTorch gives it to one);
-    in these networks pooling follows a ReLU, so ties are zeros whose gradient the ReLU
-    discards anyway.
+    Computed as a maximum over the window's window² strided slices rather than
+    ``lax.reduce_window``, whose CPU gradient (select-and-scatter) is slow. The gradient is
+    PyTorch's: each output's gradient goes to the first maximum of its window in row-major
+    order (see :func:`_max_pool_taps`).
     """
     (out_h, pad_h), (out_w, pad_w) = [_pool_geometry(s, window, stride, padding, ceil_mode)
                                       for s in x.shape[1:3]]
     x = _pad_spatial(x, -jnp.inf, [(padding, pad_h), (padding, pad_w)])
-    out = None
+    return _max_pool_taps(x, window, stride, out_h, out_w)
+
+
+def _taps(x: jax.Array, window: int, stride: int, out_h: int, out_w: int):
+    """The window² strided slices [B, out_h, out_w, C] of a padded input, row-major."""
     for i in range(window):
         for j in range(window):
-            tap = lax.slice(x, (0, i, j, 0),
+            yield lax.slice(x, (0, i, j, 0),
                             (x.shape[0], i + (out_h - 1) * stride + 1,
                              j + (out_w - 1) * stride + 1, x.shape[3]),
                             (1, stride, stride, 1))
-            out = tap if out is None else jnp.maximum(out, tap)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool_taps(x: jax.Array, window: int, stride: int, out_h: int, out_w: int) -> jax.Array:
+    """Max pooling of an already padded [B, H, W, C] into [B, out_h, out_w, C]."""
+    out = None
+    for tap in _taps(x, window, stride, out_h, out_w):
+        out = tap if out is None else jnp.maximum(out, tap)
     return out
+
+
+def _max_pool_forward(x, window, stride, out_h, out_w):
+    """Also records which tap (int8, row-major) holds each window's first maximum."""
+    out = argmax = None
+    for k, tap in enumerate(_taps(x, window, stride, out_h, out_w)):
+        if out is None:
+            out, argmax = tap, jnp.zeros(tap.shape, jnp.int8)
+        else:
+            better = tap > out
+            out = jnp.where(better, tap, out)
+            argmax = jnp.where(better, jnp.int8(k), argmax)
+    return out, (argmax, x.shape)
+
+
+def _max_pool_backward(window, stride, out_h, out_w, residuals, dy):
+    """Each tap's share of dy, spread back to input positions by an interior-padded ``pad``
+    (stride - 1 zeros between outputs); XLA fuses the window² terms into one loop."""
+    argmax, shape = residuals
+    zero = jnp.zeros((), dy.dtype)
+    dx = None
+    for k in range(window * window):
+        i, j = divmod(k, window)
+        share = jnp.where(argmax == k, dy, zero)
+        share = lax.pad(share, zero, ((0, 0, 0),
+                                      (i, shape[1] - i - (out_h - 1) * stride - 1, stride - 1),
+                                      (j, shape[2] - j - (out_w - 1) * stride - 1, stride - 1),
+                                      (0, 0, 0)))
+        dx = share if dx is None else dx + share
+    return (dx,)
+
+
+_max_pool_taps.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 def avg_pool(x: jax.Array, *, window: int, stride: int, padding: int = 0,

@@ -45,7 +45,7 @@ ENV_VAR = "PROXY_JAX_CONV"
 _MODES = ("auto", "xla", "onednn")
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_conv.cc")
 _TARGETS = {"forward": "PjOnednnConvForward", "backward_data": "PjOnednnConvBackwardData",
-            "backward_weights": "PjOnednnConvBackwardWeights"}
+            "backward_weights": "PjOnednnConvBackwardWeights", "backward": "PjOnednnConvBackward"}
 _FFI_NAMES = {k: "proxy_jax_onednn_conv_" + k for k in _TARGETS}
 
 
@@ -158,10 +158,12 @@ def _attributes(stride: int, padding: int) -> dict:
     return dict(stride_h=s, stride_w=s, pad_top=p, pad_bottom=p, pad_left=p, pad_right=p)
 
 
-def _call(kind: str, shape: tuple, a: jax.Array, b: jax.Array, stride: int, padding: int):
-    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+def _call(kind: str, shapes, *operands: jax.Array, stride: int, padding: int):
+    """One oneDNN call; ``shapes`` is the result shape or a tuple of them."""
+    out = (tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+           if isinstance(shapes[0], tuple) else jax.ShapeDtypeStruct(shapes, jnp.float32))
     return jax.ffi.ffi_call(_FFI_NAMES[kind], out, vmap_method="sequential")(
-        a, b, **_attributes(stride, padding))
+        *operands, **_attributes(stride, padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -185,18 +187,26 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Ar
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise TypeError(f"oneDNN convolutions are float32, got {x.dtype} and {kernel.dtype}")
     out_shape = (b, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1, o)
-    return _call("forward", out_shape, x, kernel, stride, padding)
+    return _call("forward", out_shape, x, kernel, stride=stride, padding=padding)
 
 
 def _conv2d_forward(x, kernel, stride, padding):
-    return conv2d(x, kernel, stride, padding), (x, kernel)
+    """With symbolic zeros: ``x``/``kernel`` say whether they are differentiated."""
+    y = conv2d(x.value, kernel.value, stride, padding)
+    return y, (x.value, kernel.value, x.perturbed, kernel.perturbed)
 
 
 def _conv2d_backward(stride, padding, residuals, dy):
-    x, kernel = residuals
-    dx = _call("backward_data", x.shape, dy, kernel, stride, padding)
-    dkernel = _call("backward_weights", kernel.shape, x, dy, stride, padding)
-    return dx, dkernel
+    x, kernel, need_dx, need_dkernel = residuals
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    kw = dict(stride=stride, padding=padding)
+    if need_dx and need_dkernel:  # one call: see csrc/onednn_conv.cc
+        return _call("backward", (x.shape, kernel.shape), x, kernel, dy, **kw)
+    if need_dx:
+        return _call("backward_data", x.shape, dy, kernel, **kw), None
+    # e.g. the first layer, whose input (the images) needs no gradient
+    return None, _call("backward_weights", kernel.shape, x, dy, **kw) if need_dkernel else None
 
 
-conv2d.defvjp(_conv2d_forward, _conv2d_backward)
+conv2d.defvjp(_conv2d_forward, _conv2d_backward, symbolic_zeros=True)

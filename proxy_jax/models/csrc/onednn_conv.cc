@@ -7,6 +7,7 @@
 //   pj_onednn_conv_fwd          (x [N,H,W,C], w [KH,KW,C,O])   -> y  [N,OH,OW,O]
 //   pj_onednn_conv_bwd_data     (dy [N,OH,OW,O], w [KH,KW,C,O]) -> dx [N,H,W,C]
 //   pj_onednn_conv_bwd_weights  (x [N,H,W,C], dy [N,OH,OW,O])   -> dw [KH,KW,C,O]
+//   pj_onednn_conv_bwd          (x, w, dy)                      -> (dx, dw)
 //
 // The weights are handed to oneDNN in the blocked layout its kernel prefers (a reorder per
 // call; weights are small next to activations): with plain HWIO weights the backward pass
@@ -201,7 +202,39 @@ ffi::Error BackwardWeights(F32Buffer x, F32Buffer dy, ffi::ResultBuffer<ffi::F32
   return Execute(g, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
 }
 
+// Both gradients in one call: XLA then cannot run the weight gradient beside the rest of the
+// backward pass (competing with this convolution's threads), and dy is read twice while hot.
+ffi::Error Backward(F32Buffer x, F32Buffer w, F32Buffer dy, ffi::ResultBuffer<ffi::F32> dx,
+                    ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
+                    int64_t pb, int64_t pl, int64_t pr) {
+  if (auto e = CheckRanks(x, w, dy); e.failure()) return e;
+  auto data = MakeGeometry(x.dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl,
+                           pr, kBackwardData);
+  if (auto e = Execute(data, dy.untyped_data(), w.untyped_data(), dx->untyped_data());
+      e.failure())
+    return e;
+  auto weights = MakeGeometry(x.dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb,
+                              pl, pr, kBackwardWeights);
+  return Execute(weights, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
+}
+
 }  // namespace
+
+#define PJ_CONV_ATTRIBUTES(binding)                                                          \
+  binding.Attr<int64_t>("stride_h")                                                          \
+      .Attr<int64_t>("stride_w")                                                             \
+      .Attr<int64_t>("pad_top")                                                              \
+      .Attr<int64_t>("pad_bottom")                                                           \
+      .Attr<int64_t>("pad_left")                                                             \
+      .Attr<int64_t>("pad_right")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjOnednnConvBackward, Backward,
+                              PJ_CONV_ATTRIBUTES(ffi::Ffi::Bind()
+                                                     .Arg<F32Buffer>()
+                                                     .Arg<F32Buffer>()
+                                                     .Arg<F32Buffer>()
+                                                     .Ret<F32Buffer>()
+                                                     .Ret<F32Buffer>()));
 
 #define PJ_CONV_BINDING                                                                      \
   ffi::Ffi::Bind()                                                                           \
