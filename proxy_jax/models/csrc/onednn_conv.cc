@@ -54,6 +54,7 @@ struct Plan {
   memory::desc weights;            // the primitive's weights layout (maybe blocked)
   memory::desc weights_plain;      // HWIO
   bool reorder_weights = false;    // weights != weights_plain
+  dnnl::reorder reorder;           // HWIO -> weights (forward, backward data) or back
 };
 
 dnnl::engine& Engine() {
@@ -97,6 +98,11 @@ std::shared_ptr<Plan> MakePlan(const Geometry& g) {
     }
   }
   plan->reorder_weights = plan->weights != plan->weights_plain;
+  if (plan->reorder_weights) {
+    auto& from = g.kind() == kBackwardWeights ? plan->weights : plan->weights_plain;
+    auto& to = g.kind() == kBackwardWeights ? plan->weights_plain : plan->weights;
+    plan->reorder = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+  }
   return plan;
 }
 
@@ -123,11 +129,20 @@ ffi::Error CheckRanks(const F32Buffer& a, const F32Buffer& b, const F32Buffer& c
   return ffi::Error::Success();
 }
 
+// The caller's HWIO weights as the plan's primitive wants them (reordered when it differs).
+memory WeightsIn(const Plan& plan, void* hwio, dnnl::stream& stream) {
+  memory plain(plan.weights_plain, Engine(), hwio);
+  if (!plan.reorder_weights) return plain;
+  memory blocked(plan.weights, Engine());
+  plan.reorder.execute(stream, plain, blocked);
+  return blocked;
+}
+
 // Runs the plan on the caller's plain buffers: (a, b) -> out is (x, w) -> y, (dy, w) -> dx or
 // (x, dy) -> dw by the kind, activations NHWC and weights HWIO.
 ffi::Error Execute(const Geometry& g, void* a, void* b, void* out) {
   // One convolution at a time: each already uses every core through its OpenMP team, and
-  // XLA's thread pool would otherwise start independent ones (the two gradients of a layer)
+  // XLA's thread pool would otherwise start independent ones (parallel Inception branches)
   // together, oversubscribing the cores.
   static std::mutex running;
   std::lock_guard<std::mutex> lock(running);
@@ -138,22 +153,14 @@ ffi::Error Execute(const Geometry& g, void* a, void* b, void* out) {
     auto src = Plain(g.src(), Tag::nhwc), dst = Plain(g.dst(), Tag::nhwc);
     switch (g.kind()) {
       case kForward: {
-        memory x(src, engine, a), w_plain(plan->weights_plain, engine, b), y(dst, engine, out);
-        memory w = w_plain;
-        if (plan->reorder_weights) {
-          w = memory(plan->weights, engine);
-          dnnl::reorder(w_plain, w).execute(stream, w_plain, w);
-        }
+        memory x(src, engine, a), y(dst, engine, out);
+        memory w = WeightsIn(*plan, b, stream);
         plan->conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y}});
         break;
       }
       case kBackwardData: {
-        memory dy(dst, engine, a), w_plain(plan->weights_plain, engine, b), dx(src, engine, out);
-        memory w = w_plain;
-        if (plan->reorder_weights) {
-          w = memory(plan->weights, engine);
-          dnnl::reorder(w_plain, w).execute(stream, w_plain, w);
-        }
+        memory dy(dst, engine, a), dx(src, engine, out);
+        memory w = WeightsIn(*plan, b, stream);
         plan->conv.execute(stream,
                            {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DIFF_SRC, dx}});
         break;
@@ -163,7 +170,7 @@ ffi::Error Execute(const Geometry& g, void* a, void* b, void* out) {
         memory dw = plan->reorder_weights ? memory(plan->weights, engine) : dw_plain;
         plan->conv.execute(stream,
                            {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, dw}});
-        if (plan->reorder_weights) dnnl::reorder(dw, dw_plain).execute(stream, dw, dw_plain);
+        if (plan->reorder_weights) plan->reorder.execute(stream, dw, dw_plain);
         break;
       }
     }
