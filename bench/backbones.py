@@ -14,8 +14,8 @@ PyTorch runs channels-last (its fastest CPU layout with oneDNN; ``--torch-format
 for NCHW); XLA flags can be added with ``--xla-flags``. proxy_jax runs once per
 convolution implementation of ``--conv`` (proxy_jax.models.onednn_conv: 'onednn', the CPU
 default, and 'xla', XLA's own), each a row. The implementations alternate in
-blocks (order flipped every block); each block records wall time, this process's CPU time
-and the load average; blocks where the process got less than ``--min-util`` of its cores
+blocks (order flipped every block); each block runs ``--reps`` batches per implementation
+and records their median wall time, this process's CPU time and the load average; blocks where the process got less than ``--min-util`` of its cores
 (other work on the machine) are discarded if any clean block remains; medians are reported.
 Where a GPU is visible to JAX, float32 and bfloat16 forward/forward+backward images/s are
 measured there too; otherwise the table says none was available.
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--forward-batch", type=int, default=64)
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--blocks", type=int, default=2, help="timed blocks per measurement")
+    p.add_argument("--reps", type=int, default=3,
+                   help="batches per block and implementation; the block keeps their median "
+                        "(the first batch after the other library ran can pay its heap layout)")
     p.add_argument("--min-util", type=float, default=0.7,
                    help="discard blocks where CPU time / (wall * threads) is below this")
     p.add_argument("--torch-format", choices=("channels_last", "contiguous"),
@@ -56,7 +59,7 @@ def parse_args(argv=None):
                    help="batches 16 / 8 and a single timed block")
     args = p.parse_args(argv)
     if args.quick:
-        args.forward_batch, args.train_batch, args.blocks = 16, 8, 1
+        args.forward_batch, args.train_batch, args.blocks, args.reps = 16, 8, 1, 1
     return args
 
 
@@ -207,10 +210,13 @@ def measure(args, runners, passes, impls):
             order = impls if b % 2 == 0 else impls[::-1]
             for impl in order:
                 load = os.getloadavg()[0]
-                w0, c0 = time.perf_counter(), time.process_time()
-                runners[(name, impl)]()
-                wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-                util = cpu / (wall * args.threads)
+                walls, c0 = [], time.process_time()
+                for _ in range(args.reps):
+                    w0 = time.perf_counter()
+                    runners[(name, impl)]()
+                    walls.append(time.perf_counter() - w0)
+                util = (time.process_time() - c0) / (sum(walls) * args.threads)
+                wall = statistics.median(walls)
                 blocks[impl].append((batch[name] / wall, util, load))
                 print(f"# block {b} {name:16s} {impl:9s} {batch[name] / wall:7.2f} img/s "
                       f"util {util:.2f} load {load:.1f}", flush=True)
