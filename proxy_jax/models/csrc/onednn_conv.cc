@@ -1,18 +1,20 @@
-// 2-D convolution on the CPU through oneDNN, exposed to XLA as three FFI handlers.
+// 2-D convolution on the CPU through oneDNN, exposed to XLA as four FFI handlers
+// (registered by proxy_jax/models/onednn_conv.py as proxy_jax_onednn_conv_<kind>).
 //
 // Layouts are JAX's: activations NHWC, weights HWIO, float32. Each handler takes the
 // stride and the explicit (top, bottom, left, right) zero padding as attributes; output
 // shapes come from the result buffers, so the Python side decides them.
 //
-//   pj_onednn_conv_fwd          (x [N,H,W,C], w [KH,KW,C,O])   -> y  [N,OH,OW,O]
-//   pj_onednn_conv_bwd_data     (dy [N,OH,OW,O], w [KH,KW,C,O]) -> dx [N,H,W,C]
-//   pj_onednn_conv_bwd_weights  (x [N,H,W,C], dy [N,OH,OW,O])   -> dw [KH,KW,C,O]
-//   pj_onednn_conv_bwd          (x, w, dy)                      -> (dx, dw)
+//   PjOnednnConvForward          (x [N,H,W,C], w [KH,KW,C,O])    -> y  [N,OH,OW,O]
+//   PjOnednnConvBackwardData     (dy [N,OH,OW,O], w [KH,KW,C,O]) -> dx [N,H,W,C]
+//   PjOnednnConvBackwardWeights  (x [N,H,W,C], dy [N,OH,OW,O])   -> dw [KH,KW,C,O]
+//   PjOnednnConvBackward         (x, w, dy)                      -> (dx, dw)
 //
 // The weights are handed to oneDNN in the blocked layout its kernel prefers (a reorder per
 // call; weights are small next to activations): with plain HWIO weights the backward pass
-// of 3x3 layers ran 1.5-2x slower. Primitives are created once per shape and kept in a
-// process-wide cache (creation costs far more than a small convolution).
+// of 3x3 layers ran 1.5-2x slower. Primitives (and their weight reorders) are created once
+// per shape and kept in a process-wide cache (creation costs far more than a small
+// convolution).
 #include <array>
 #include <cstdint>
 #include <map>
