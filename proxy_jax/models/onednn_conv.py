@@ -106,9 +106,10 @@ def unavailable_reason() -> Optional[str]:
     it cannot be (no compiler, no oneDNN, a failed build). Runs once per process."""
     import ctypes
 
-    cxx = shutil.which(os.environ.get("CXX", "c++"))
+    compiler = os.environ.get("CXX", "c++")
+    cxx = shutil.which(compiler)
     if cxx is None:
-        return f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not on PATH)"
+        return f"no C++ compiler ({compiler!r} not on PATH)"
     include, libdir = _find_onednn()
     if include is None:
         return ("oneDNN not found: pip install onednn-cpu-gomp onednn-devel-cpu-gomp "
@@ -116,8 +117,8 @@ def unavailable_reason() -> Optional[str]:
     try:
         library = ctypes.cdll.LoadLibrary(_build(cxx, include, libdir))
         for kind, symbol in _TARGETS.items():
-            jax.ffi.register_ffi_target(_FFI_NAMES[kind], jax.ffi.pycapsule(getattr(library, symbol)),
-                                        platform="cpu")
+            jax.ffi.register_ffi_target(
+                _FFI_NAMES[kind], jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         return str(e)
     return None
