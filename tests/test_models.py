@@ -130,11 +130,12 @@ def test_forward_matches_torch(arch, conv, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("conv", CONV_MODES)
-def test_gradients_match_torch(conv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch, hw", [("resnet18", (40, 48)), ("bn_inception", (64, 64))])
+def test_gradients_match_torch(arch, hw, conv, tmp_path, monkeypatch):
     """The backward pass (BatchNorm frozen, as the seeds train): the gradient of a loss on the
-    feature map w.r.t. the input and every convolution kernel equals torch autograd's."""
+    feature map w.r.t. the input and every parameter (kernels, conv biases, BatchNorm scales
+    and shifts, which proxy_jax folds into the convolutions) equals torch autograd's."""
     monkeypatch.setenv(onednn_conv.ENV_VAR, conv)
-    arch, hw = "resnet18", (40, 48)
     net, features, _, model, variables = _converted_model(arch, tmp_path, image_hw=hw)
     rng = np.random.default_rng(3)
     images = rng.normal(size=(2, *hw, 3)).astype(np.float32)
@@ -149,18 +150,18 @@ def test_gradients_match_torch(conv, tmp_path, monkeypatch):
 
     grads, d_images = jax.jit(jax.grad(loss, (0, 1)))(variables["params"], images)
     assert _relative_error(d_images, t_images.grad.permute(0, 2, 3, 1).numpy()) < 1e-5
-    checked = 0
-    for name, p in net.named_parameters():
-        module, _, leaf = name.rpartition(".")
-        if not isinstance(net.get_submodule(module), torch.nn.Conv2d):
-            continue
-        node = grads["backbone"]
-        for part in module.split("."):
-            node = node[part]
-        want = p.grad.permute(2, 3, 1, 0).numpy()  # OIHW -> HWIO
-        assert _relative_error(node["kernel"], want) < 1e-5, name
-        checked += 1
-    assert checked == 20  # resnet18's convolutions, downsamples included
+    # torch's gradients, named and laid out as proxy_jax parameters by the converter (the
+    # running statistics only complete the state_dict).
+    t_grads = {k: p.grad for k, p in net.named_parameters() if p.grad is not None}
+    stats = {k: v for k, v in net.state_dict().items() if "running" in k}
+    want = {k: v for k, v in convert_state_dict({**t_grads, **stats}, arch).items()
+            if k.startswith("params/")}
+    got = {"params/" + "/".join(k.key for k in path): v for path, v in
+           jax.tree_util.tree_leaves_with_path(grads["backbone"])}
+    assert set(got) == set(want)
+    for name in sorted(want):
+        assert _relative_error(got[name], want[name]) < 1e-5, name
+    assert any(name.endswith("/scale") for name in want)
 
 
 def test_bfloat16_model_runs_and_tracks_float32(tmp_path):

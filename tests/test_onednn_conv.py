@@ -74,6 +74,68 @@ def test_forward_and_gradients_match_xla(library, b, h, w, c, o, k, s, p):
     assert _relative_error(got_dw, want_dw) < 1e-5
 
 
+# (differentiated operands of (x, kernel, bias, residual), relu, with a bias): every operand
+# subset the custom VJP distinguishes, and the call without a bias.
+FUSED_CASES = [
+    ((0, 1, 2, 3), True, True),
+    ((0, 1, 2, 3), False, True),
+    ((1, 2), True, True),      # the stem: no input gradient
+    ((0,), True, True),        # frozen weights
+    ((3,), False, True),       # only the shortcut
+    ((0, 1, 3), True, False),  # a BasicBlock's second conv with BatchNorm training
+]
+
+
+@pytest.mark.parametrize("wrt, relu, with_bias", FUSED_CASES)
+def test_bias_residual_and_relu_match_xla(library, wrt, relu, with_bias):
+    """relu(conv + bias + residual) in one call, and its gradients for each operand subset;
+    about a third of the pre-activations are negative, and some are exactly 0 (ReLU's
+    gradient there is 0, as in torch)."""
+    rng = np.random.default_rng(sum(wrt) + relu)
+    x = rng.normal(size=(2, 9, 7, 4)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)
+    bias = rng.normal(size=6).astype(np.float32) if with_bias else None
+    residual = rng.normal(size=(2, 5, 4, 6)).astype(np.float32)
+    x[0, :, :, :] = 0.0
+    if with_bias:
+        bias[:2] = 0.0
+    residual[0, ..., :2] = 0.0  # exact zeros: x's first image gives pre-activation 0 there
+
+    def want_fn(x, kernel, bias, residual):
+        y = _xla_conv(x, kernel, 2, 1) + residual
+        y = y if bias is None else y + bias
+        return jax.nn.relu(y) if relu else y
+
+    def got_fn(x, kernel, bias, residual):
+        return onednn_conv.conv2d(x, kernel, 2, 1, bias=bias, residual=residual, relu=relu)
+
+    operands = (x, kernel, bias, residual)
+    want = want_fn(*operands)
+    got = jax.jit(got_fn)(*operands)
+    assert _relative_error(got, want) < 1e-5
+    if relu:
+        assert 0 < np.mean(np.asarray(want) == 0) < 0.9
+    cotangent = rng.normal(size=want.shape).astype(np.float32)
+
+    def grads(fn):
+        return jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cotangent), argnums=wrt))(*operands)
+
+    for got_g, want_g in zip(grads(got_fn), grads(want_fn)):
+        assert got_g.shape == want_g.shape
+        assert _relative_error(got_g, want_g) < 1e-5
+
+
+def test_bad_bias_and_residual_shapes_are_named(library):
+    x = jnp.zeros((1, 6, 6, 3))
+    kernel = jnp.zeros((3, 3, 3, 4))
+    with pytest.raises(ValueError, match="bias"):
+        onednn_conv.conv2d(x, kernel, 1, 1, bias=jnp.zeros(3))
+    with pytest.raises(ValueError, match="residual"):
+        onednn_conv.conv2d(x, kernel, 1, 1, residual=jnp.zeros((1, 3, 3, 4)))
+    with pytest.raises(TypeError, match="float32"):
+        onednn_conv.conv2d(x, kernel, 1, 1, bias=jnp.zeros(4, jnp.bfloat16))
+
+
 def test_matches_torch_conv2d(library):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)

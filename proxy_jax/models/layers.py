@@ -6,7 +6,7 @@ counts padding); module names follow the PyTorch attribute names so that a state
 ``a.b.weight`` maps to the Flax path ``a/b/kernel`` (see proxy_jax.convert).
 """
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,8 @@ from jax import lax
 
 from proxy_jax.models import onednn_conv
 
-__all__ = ["Conv", "BatchNorm", "ConvBN", "max_pool", "avg_pool", "conv_init"]
+__all__ = ["Conv", "BatchNorm", "ConvBN", "conv_bn", "frozen_affine", "max_pool", "avg_pool",
+           "conv_init"]
 
 # torchvision initialises its convolutions with kaiming_normal_(mode='fan_out', relu);
 # used for every backbone when it is not loaded from a file.
@@ -31,6 +32,10 @@ class Conv(nn.Module):
     XLA's, except that unpadded 1x1 convolutions are a matrix product there: XLA's CPU
     backend runs those (and, above all, their gradients) 2-4x faster as a dot than as a
     convolution.
+
+    The call can also apply a per-channel affine map, a residual and a ReLU after the
+    convolution: ``relu(conv(x) * scale + shift + residual)`` (see :func:`conv_bn`). The
+    scale is folded into the kernel, and oneDNN computes the rest in the convolution's loop.
     """
 
     features: int
@@ -41,21 +46,33 @@ class Conv(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, scale: Optional[jax.Array] = None,
+                 shift: Optional[jax.Array] = None, residual: Optional[jax.Array] = None,
+                 relu: bool = False) -> jax.Array:
+        """x [B, H, W, C_in]; scale, shift [features] float32; residual [B, H', W', features]."""
         k, s, p = self.kernel, self.stride, self.padding
         kernel = self.param("kernel", conv_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+                if self.bias else None)
+        if scale is not None:
+            kernel = kernel * scale
+            bias = None if bias is None else bias * scale
+        if shift is not None:
+            bias = shift if bias is None else bias + shift
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        bias = None if bias is None else bias.astype(self.dtype)
+        residual = None if residual is None else residual.astype(self.dtype)
         if onednn_conv.use_onednn(self.dtype):
-            y = onednn_conv.conv2d(x, kernel, s, p)
-        elif k == 1 and p == 0:
+            return onednn_conv.conv2d(x, kernel, s, p, bias=bias, residual=residual, relu=relu)
+        if k == 1 and p == 0:
             y = jnp.einsum("bhwc,cd->bhwd", x[:, ::s, ::s] if s > 1 else x, kernel[0, 0])
         else:
             y = lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        if self.bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,),
-                               jnp.float32).astype(self.dtype)
-        return y
+        for term in (bias, residual):
+            if term is not None:
+                y = y + term
+        return nn.relu(y) if relu else y
 
 
 def BatchNorm(*, frozen: bool, eps: float = 1e-5, dtype: Any = jnp.float32,
@@ -69,6 +86,37 @@ def BatchNorm(*, frozen: bool, eps: float = 1e-5, dtype: Any = jnp.float32,
     """
     return nn.BatchNorm(use_running_average=frozen, momentum=0.9, epsilon=eps, dtype=dtype,
                         param_dtype=jnp.float32, name=name)
+
+
+def frozen_affine(bn: nn.BatchNorm) -> tuple[jax.Array, jax.Array]:
+    """(scale, shift), float32 [C] each, such that a frozen ``bn`` maps x to x·scale + shift.
+
+    ``bn`` must already hold its variables (not at initialization). Differentiable in its
+    parameters: gradients reach 'scale' and 'bias' through the returned pair.
+    """
+    params, stats = bn.variables["params"], bn.variables["batch_stats"]
+    scale = params["scale"] * lax.rsqrt(stats["var"] + bn.epsilon)
+    return scale, params["bias"] - stats["mean"] * scale
+
+
+def conv_bn(conv: Conv, bn: nn.BatchNorm, x: jax.Array, *,
+            residual: Optional[jax.Array] = None, relu: bool = False) -> jax.Array:
+    """``bn(conv(x))``, plus ``residual`` [B, H', W', C] when given, then a ReLU with ``relu``.
+
+    ``conv`` and ``bn`` are sibling modules of the caller (their names are the parameter
+    paths). A frozen BatchNorm is a per-channel affine map, so it is folded into the
+    convolution (kernel × scale, bias shift) and, on the CPU, one oneDNN call computes the
+    whole sequence without a pass over the activations per step; the parameters and their
+    gradients are the same as unfolded. A BatchNorm in training mode (batch statistics) is
+    applied after the convolution as usual.
+    """
+    if bn.use_running_average and not bn.is_initializing():
+        scale, shift = frozen_affine(bn)
+        return conv(x, scale=scale, shift=shift, residual=residual, relu=relu)
+    y = bn(conv(x))
+    if residual is not None:
+        y = y + residual
+    return nn.relu(y) if relu else y
 
 
 class ConvBN(nn.Module):
@@ -86,11 +134,11 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = Conv(self.features, self.kernel, stride=self.stride, padding=self.padding,
-                 dtype=self.dtype, name="conv")(x)
-        x = BatchNorm(frozen=self.freeze_bn or not train, eps=self.bn_eps, dtype=self.dtype,
-                      name="bn")(x)
-        return nn.relu(x)
+        conv = Conv(self.features, self.kernel, stride=self.stride, padding=self.padding,
+                    dtype=self.dtype, name="conv")
+        bn = BatchNorm(frozen=self.freeze_bn or not train, eps=self.bn_eps, dtype=self.dtype,
+                       name="bn")
+        return conv_bn(conv, bn, x, relu=True)
 
 
 def _pool_geometry(size: int, window: int, stride: int, padding: int, ceil_mode: bool):

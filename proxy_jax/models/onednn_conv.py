@@ -7,6 +7,12 @@ convolutions of a training step (forward, input gradient, weight gradient) are o
 primitives called from XLA through its FFI (``csrc/onednn_conv.cc``), tied together by a
 ``jax.custom_vjp``, so jit, grad and the rest of the graph stay XLA's.
 
+The forward call also adds a bias and a residual and applies a ReLU inside oneDNN's loop
+(post-ops). The backbones fold each frozen BatchNorm into its convolution's kernel and bias
+(proxy_jax.models.layers.conv_bn), so conv → BN → (+ shortcut) → ReLU is one call, not a
+call and a pass over the activations: on ResNet-50 forward+backward (batch 32) this took
+the speed from 0.97x to 1.09x PyTorch's.
+
 Which implementation a convolution uses is decided when it is traced, by the environment
 variable ``PROXY_JAX_CONV``:
 
@@ -159,25 +165,34 @@ def _attributes(stride: int, padding: int) -> dict:
     return dict(stride_h=s, stride_w=s, pad_top=p, pad_bottom=p, pad_left=p, pad_right=p)
 
 
-def _call(kind: str, shapes, *operands: jax.Array, stride: int, padding: int):
+def _call(kind: str, shapes, *operands: jax.Array, stride: int, padding: int, **attributes):
     """One oneDNN call; ``shapes`` is the result shape or a tuple of them."""
     out = (tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
            if isinstance(shapes[0], tuple) else jax.ShapeDtypeStruct(shapes, jnp.float32))
     return jax.ffi.ffi_call(_FFI_NAMES[kind], out, vmap_method="sequential")(
-        *operands, **_attributes(stride, padding))
+        *operands, **_attributes(stride, padding), **attributes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """torch.nn.functional.conv2d semantics in NHWC, computed by oneDNN.
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, *,
+           bias: Optional[jax.Array] = None, residual: Optional[jax.Array] = None,
+           relu: bool = False) -> jax.Array:
+    """``relu(conv2d(x, kernel) + bias + residual)`` in NHWC, computed by one oneDNN call.
+
+    torch.nn.functional.conv2d semantics; the bias, the residual and the ReLU are optional
+    and applied inside the convolution's loop (no extra pass over the output). With a frozen
+    BatchNorm folded into ``kernel`` and ``bias`` this is a whole conv → BN → (+ shortcut) →
+    ReLU (see proxy_jax.models.layers.conv_bn).
 
     Args:
       x: float32 [B, H, W, C].
       kernel: float32 [K, K, C, O] (HWIO).
       stride, padding: the same on both spatial axes; symmetric zero padding.
+      bias: float32 [O], or None.
+      residual: float32 [B, H', W', O] (the output's shape), or None.
+      relu: apply max(0, .) last.
 
     Returns:
-      float32 [B, (H + 2p - K) // s + 1, (W + 2p - K) // s + 1, O].
+      float32 [B, H', W', O] with H' = (H + 2p - K) // s + 1, W' likewise.
 
     Call :func:`use_onednn` first: this assumes the library is registered.
     """
@@ -185,29 +200,59 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Ar
     k, o = kernel.shape[0], kernel.shape[3]
     if kernel.shape[1] != k or kernel.shape[2] != x.shape[3]:
         raise ValueError(f"kernel {kernel.shape} does not fit input {x.shape}")
-    if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-        raise TypeError(f"oneDNN convolutions are float32, got {x.dtype} and {kernel.dtype}")
     out_shape = (b, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1, o)
-    return _call("forward", out_shape, x, kernel, stride=stride, padding=padding)
+    if bias is not None and bias.shape != (o,):
+        raise ValueError(f"bias {bias.shape} does not fit {o} output channels")
+    if residual is not None and residual.shape != out_shape:
+        raise ValueError(f"residual {residual.shape} does not fit the output {out_shape}")
+    operands = [a for a in (x, kernel, bias, residual) if a is not None]
+    if any(a.dtype != jnp.float32 for a in operands):
+        raise TypeError("oneDNN convolutions are float32, got "
+                        + ", ".join(str(a.dtype) for a in operands))
+    return _conv(x, kernel, bias, residual, stride, padding, relu)
 
 
-def _conv2d_forward(x, kernel, stride, padding):
-    """With symbolic zeros: ``x``/``kernel`` say whether they are differentiated."""
-    y = conv2d(x.value, kernel.value, stride, padding)
-    return y, (x.value, kernel.value, x.perturbed, kernel.perturbed)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _conv(x, kernel, bias, residual, stride, padding, relu):
+    out_shape = x.shape[:1] + _spatial_out(x.shape, kernel.shape, stride, padding) \
+        + kernel.shape[3:]
+    operands = [a for a in (x, kernel, bias, residual) if a is not None]
+    return _call("forward", out_shape, *operands, stride=stride, padding=padding,
+                 bias=bias is not None, relu=bool(relu))
 
 
-def _conv2d_backward(stride, padding, residuals, dy):
-    x, kernel, need_dx, need_dkernel = residuals
+def _spatial_out(x_shape, kernel_shape, stride, padding):
+    k = kernel_shape[0]
+    return tuple((n + 2 * padding - k) // stride + 1 for n in x_shape[1:3])
+
+
+def _conv_forward(x, kernel, bias, residual, stride, padding, relu):
+    """With symbolic zeros: each operand says whether it is differentiated."""
+    y = _conv(x.value, kernel.value, None if bias is None else bias.value,
+              None if residual is None else residual.value, stride, padding, relu)
+    need = (x.perturbed, kernel.perturbed, bias is not None and bias.perturbed,
+            residual is not None and residual.perturbed)
+    # The output is kept only for the ReLU's mask.
+    return y, (x.value, kernel.value, y if relu else None, need)
+
+
+def _conv_backward(stride, padding, relu, saved, dy):
+    x, kernel, y, (need_dx, need_dkernel, need_dbias, need_dresidual) = saved
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-        return None, None
+        return None, None, None, None
+    if relu:
+        dy = jnp.where(y > 0, dy, jnp.zeros((), dy.dtype))
+    dbias = jnp.sum(dy, axis=(0, 1, 2)) if need_dbias else None
+    dresidual = dy if need_dresidual else None
     kw = dict(stride=stride, padding=padding)
+    dx = dkernel = None
     if need_dx and need_dkernel:  # one call: see csrc/onednn_conv.cc
-        return _call("backward", (x.shape, kernel.shape), x, kernel, dy, **kw)
-    if need_dx:
-        return _call("backward_data", x.shape, dy, kernel, **kw), None
-    # e.g. the first layer, whose input (the images) needs no gradient
-    return None, _call("backward_weights", kernel.shape, x, dy, **kw) if need_dkernel else None
+        dx, dkernel = _call("backward", (x.shape, kernel.shape), x, kernel, dy, **kw)
+    elif need_dx:
+        dx = _call("backward_data", x.shape, dy, kernel, **kw)
+    elif need_dkernel:  # e.g. the first layer, whose input (the images) needs no gradient
+        dkernel = _call("backward_weights", kernel.shape, x, dy, **kw)
+    return dx, dkernel, dbias, dresidual
 
 
-conv2d.defvjp(_conv2d_forward, _conv2d_backward, symbolic_zeros=True)
+_conv.defvjp(_conv_forward, _conv_backward, symbolic_zeros=True)

@@ -6,13 +6,14 @@ classifier (``fc``) is not part of the backbone: the output is the last feature 
 Parameter paths equal the state_dict keys with '.' → '/', e.g. ``layer2.0.downsample.0.weight``
 → ``layer2/0/downsample/0/kernel``.
 """
+from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from proxy_jax.models.layers import BatchNorm, Conv, max_pool
+from proxy_jax.models.layers import BatchNorm, Conv, conv_bn, max_pool
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
@@ -27,8 +28,9 @@ class _Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train):
-        x = Conv(self.features, 1, stride=self.stride, dtype=self.dtype, name="0")(x)
-        return BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name="1")(x)
+        return conv_bn(Conv(self.features, 1, stride=self.stride, dtype=self.dtype, name="0"),
+                       BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name="1"),
+                       x)
 
 
 class BasicBlock(nn.Module):
@@ -42,15 +44,13 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        frozen = self.freeze_bn or not train
-        y = Conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(BatchNorm(frozen=frozen, dtype=self.dtype, name="bn1")(y))
-        y = Conv(self.planes, 3, padding=1, dtype=self.dtype, name="conv2")(y)
-        y = BatchNorm(frozen=frozen, dtype=self.dtype, name="bn2")(y)
+        bn = partial(BatchNorm, frozen=self.freeze_bn or not train, dtype=self.dtype)
+        conv = partial(Conv, self.planes, 3, padding=1, dtype=self.dtype)
+        y = conv_bn(conv(stride=self.stride, name="conv1"), bn(name="bn1"), x, relu=True)
         if self.stride != 1 or x.shape[-1] != self.planes:
             x = _Downsample(self.planes, self.stride, self.freeze_bn, self.dtype,
                             name="downsample")(x, train=train)
-        return nn.relu(x + y)
+        return conv_bn(conv(name="conv2"), bn(name="bn2"), y, residual=x, relu=True)
 
 
 class Bottleneck(nn.Module):
@@ -64,18 +64,17 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        frozen = self.freeze_bn or not train
+        bn = partial(BatchNorm, frozen=self.freeze_bn or not train, dtype=self.dtype)
         out = self.planes * self.expansion
-        y = Conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
-        y = nn.relu(BatchNorm(frozen=frozen, dtype=self.dtype, name="bn1")(y))
-        y = Conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype, name="conv2")(y)
-        y = nn.relu(BatchNorm(frozen=frozen, dtype=self.dtype, name="bn2")(y))
-        y = Conv(out, 1, dtype=self.dtype, name="conv3")(y)
-        y = BatchNorm(frozen=frozen, dtype=self.dtype, name="bn3")(y)
+        y = conv_bn(Conv(self.planes, 1, dtype=self.dtype, name="conv1"), bn(name="bn1"), x,
+                    relu=True)
+        y = conv_bn(Conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
+                         name="conv2"), bn(name="bn2"), y, relu=True)
         if self.stride != 1 or x.shape[-1] != out:
             x = _Downsample(out, self.stride, self.freeze_bn, self.dtype,
                             name="downsample")(x, train=train)
-        return nn.relu(x + y)
+        return conv_bn(Conv(out, 1, dtype=self.dtype, name="conv3"), bn(name="bn3"), y,
+                       residual=x, relu=True)
 
 
 class _Stage(nn.Module):
@@ -117,9 +116,10 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         x = images.astype(self.dtype)
-        x = Conv(64, 7, stride=2, padding=3, dtype=self.dtype, name="conv1")(x)
-        x = BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name="bn1")(x)
-        x = max_pool(nn.relu(x), window=3, stride=2, padding=1)
+        x = conv_bn(Conv(64, 7, stride=2, padding=3, dtype=self.dtype, name="conv1"),
+                    BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name="bn1"),
+                    x, relu=True)
+        x = max_pool(x, window=3, stride=2, padding=1)
         for i, blocks in enumerate(self.stage_sizes):
             x = _Stage(self.block, 64 * 2**i, blocks, 1 if i == 0 else 2, self.freeze_bn,
                        self.dtype, name=f"layer{i + 1}")(x, train=train)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from proxy_jax.models.layers import BatchNorm, Conv, max_pool
+from proxy_jax.models.layers import BatchNorm, Conv, conv_bn, max_pool
 
 __all__ = ["TinyCNN"]
 
@@ -37,7 +37,8 @@ class TinyCNN(nn.Module):
         for i, width in enumerate(_WIDTHS, start=1):
             if i > 1:
                 x = max_pool(x, window=2, stride=2)
-            x = Conv(width, 3, padding=1, dtype=self.dtype, name=f"conv{i}")(x)
-            x = BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name=f"bn{i}")(x)
-            x = nn.relu(x)
+            x = conv_bn(Conv(width, 3, padding=1, dtype=self.dtype, name=f"conv{i}"),
+                        BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype,
+                                  name=f"bn{i}"),
+                        x, relu=True)
         return x

@@ -5,10 +5,16 @@
 // stride and the explicit (top, bottom, left, right) zero padding as attributes; output
 // shapes come from the result buffers, so the Python side decides them.
 //
-//   PjOnednnConvForward          (x [N,H,W,C], w [KH,KW,C,O])    -> y  [N,OH,OW,O]
-//   PjOnednnConvBackwardData     (dy [N,OH,OW,O], w [KH,KW,C,O]) -> dx [N,H,W,C]
-//   PjOnednnConvBackwardWeights  (x [N,H,W,C], dy [N,OH,OW,O])   -> dw [KH,KW,C,O]
-//   PjOnednnConvBackward         (x, w, dy)                      -> (dx, dw)
+//   PjOnednnConvForward          (x [N,H,W,C], w [KH,KW,C,O]
+//                                 [, b [O]] [, r [N,OH,OW,O]])    -> y  [N,OH,OW,O]
+//   PjOnednnConvBackwardData     (dy [N,OH,OW,O], w [KH,KW,C,O])   -> dx [N,H,W,C]
+//   PjOnednnConvBackwardWeights  (x [N,H,W,C], dy [N,OH,OW,O])     -> dw [KH,KW,C,O]
+//   PjOnednnConvBackward         (x, w, dy)                        -> (dx, dw)
+//
+// The forward handler adds the bias b (attribute bias) and the residual r (when passed) and,
+// with the attribute relu, applies max(0, .) inside the convolution's own loop (oneDNN post-ops): a frozen
+// BatchNorm folded into w and b, its ReLU and a ResNet block's residual add cost no extra
+// pass over the activations.
 //
 // The weights are handed to oneDNN in the blocked layout its kernel prefers (a reorder per
 // call; weights are small next to activations): with plain HWIO weights the backward pass
@@ -21,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include <oneapi/dnnl/dnnl.hpp>
 
@@ -36,8 +43,9 @@ using F32Buffer = ffi::Buffer<ffi::F32>;
 
 enum Kind : int64_t { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
 
-// N, H, W, C, KH, KW, O, OH, OW, stride h/w, padding top/bottom/left/right, kind.
-using Key = std::array<int64_t, 16>;
+// N, H, W, C, KH, KW, O, OH, OW, stride h/w, padding top/bottom/left/right, kind, and for
+// the forward kind: bias, residual add, relu.
+using Key = std::array<int64_t, 19>;
 
 struct Geometry {
   Key key;
@@ -48,9 +56,19 @@ struct Geometry {
   memory::dims pad_l() const { return {key[11], key[13]}; }
   memory::dims pad_r() const { return {key[12], key[14]}; }
   Kind kind() const { return static_cast<Kind>(key[15]); }
+  bool bias() const { return key[16] != 0; }
+  bool add() const { return key[17] != 0; }
+  bool relu() const { return key[18] != 0; }
   Geometry As(Kind k) const {  // the same convolution, another of its three computations
     Geometry g = *this;
     g.key[15] = k;
+    return g;
+  }
+  Geometry WithEpilogue(bool bias, bool add, bool relu) const {
+    Geometry g = *this;
+    g.key[16] = bias;
+    g.key[17] = add;
+    g.key[18] = relu;
     return g;
   }
 };
@@ -77,9 +95,15 @@ std::shared_ptr<Plan> MakePlan(const Geometry& g) {
   const memory::dims dilation = {0, 0};
   auto src = Plain(g.src(), Tag::nhwc), dst = Plain(g.dst(), Tag::nhwc);
   auto weights_any = Plain(g.weights(), Tag::any);
+  auto bias = g.bias() ? Plain({g.dst()[1]}, Tag::a) : memory::desc();
+  dnnl::post_ops post_ops;
+  if (g.add()) post_ops.append_binary(dnnl::algorithm::binary_add, dst);
+  if (g.relu()) post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(post_ops);
   auto forward = dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src,
-      weights_any, dst, g.strides(), dilation, g.pad_l(), g.pad_r());
+      weights_any, bias, dst, g.strides(), dilation, g.pad_l(), g.pad_r(), attr);
   auto plan = std::make_shared<Plan>();
   plan->weights_plain = Plain(g.weights(), Tag::hwio);
   switch (g.kind()) {
@@ -126,7 +150,7 @@ Geometry MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
                       ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr, Kind kind) {
   return Geometry{{x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, pt, pb, pl,
-                   pr, kind}};
+                   pr, kind, 0, 0, 0}};
 }
 
 ffi::Error CheckRanks(const F32Buffer& a, const F32Buffer& b, const F32Buffer& c) {
@@ -146,8 +170,10 @@ memory WeightsIn(const Plan& plan, void* hwio, dnnl::stream& stream) {
 }
 
 // Runs the plan on the caller's plain buffers: (a, b) -> out is (x, w) -> y, (dy, w) -> dx or
-// (x, dy) -> dw by the kind, activations NHWC and weights HWIO.
-ffi::Error Execute(const Geometry& g, void* a, void* b, void* out) {
+// (x, dy) -> dw by the kind, activations NHWC and weights HWIO; the forward kind also takes
+// the bias [O] when g.bias() and the residual [N,OH,OW,O] when g.add().
+ffi::Error Execute(const Geometry& g, void* a, void* b, void* out, void* bias = nullptr,
+                   void* residual = nullptr) {
   // One convolution at a time: each already uses every core through its OpenMP team, and
   // XLA's thread pool would otherwise start independent ones (parallel Inception branches)
   // together, oversubscribing the cores.
@@ -162,7 +188,13 @@ ffi::Error Execute(const Geometry& g, void* a, void* b, void* out) {
       case kForward: {
         memory x(src, engine, a), y(dst, engine, out);
         memory w = WeightsIn(*plan, b, stream);
-        plan->conv.execute(stream, {{DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y}});
+        std::unordered_map<int, memory> args = {
+            {DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y}};
+        if (g.bias()) args[DNNL_ARG_BIAS] = memory(Plain({g.dst()[1]}, Tag::a), engine, bias);
+        if (g.add())  // the binary post-op is post-op 0
+          args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
+              memory(dst, engine, residual);
+        plan->conv.execute(stream, args);
         break;
       }
       case kBackwardData: {
@@ -191,12 +223,25 @@ ffi::Error Execute(const Geometry& g, void* a, void* b, void* out) {
 }
 
 
-ffi::Error Forward(F32Buffer x, F32Buffer w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
-                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+// `rest` holds the bias b if the attribute bias is set, then the residual r if any.
+ffi::Error Forward(F32Buffer x, F32Buffer w, ffi::RemainingArgs rest,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                   int64_t pb, int64_t pl, int64_t pr, bool bias, bool relu) {
   if (auto e = CheckRanks(x, w, *y); e.failure()) return e;
+  if (rest.size() < static_cast<size_t>(bias) || rest.size() > 1 + static_cast<size_t>(bias))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "onednn conv: expected the bias (if set) and at most one residual");
+  void* extra[2] = {nullptr, nullptr};
+  for (size_t i = 0; i < rest.size(); ++i) {
+    auto operand = rest.get<F32Buffer>(i);
+    if (operand.has_error()) return operand.error();
+    extra[i] = operand->untyped_data();
+  }
+  const bool add = rest.size() > static_cast<size_t>(bias);
   auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr,
                         kForward);
-  return Execute(g, x.untyped_data(), w.untyped_data(), y->untyped_data());
+  return Execute(g.WithEpilogue(bias, add, relu), x.untyped_data(), w.untyped_data(),
+                 y->untyped_data(), bias ? extra[0] : nullptr, extra[bias ? 1 : 0]);
 }
 
 ffi::Error BackwardData(F32Buffer dy, F32Buffer w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
@@ -247,9 +292,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjOnednnConvBackward, Backward,
                                                      .Ret<F32Buffer>()
                                                      .Ret<F32Buffer>()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjOnednnConvForward, Forward,
+                              PJ_CONV_ATTRIBUTES(ffi::Ffi::Bind()
+                                                     .Arg<F32Buffer>()
+                                                     .Arg<F32Buffer>()
+                                                     .RemainingArgs()
+                                                     .Ret<F32Buffer>())
+                                  .Attr<bool>("bias")
+                                  .Attr<bool>("relu"));
+
 #define PJ_CONV_BINDING \
   PJ_CONV_ATTRIBUTES(ffi::Ffi::Bind().Arg<F32Buffer>().Arg<F32Buffer>().Ret<F32Buffer>())
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjOnednnConvForward, Forward, PJ_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PjOnednnConvBackwardData, BackwardData, PJ_CONV_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PjOnednnConvBackwardWeights, BackwardWeights, PJ_CONV_BINDING);
