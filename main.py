@@ -66,6 +66,9 @@ def main(argv):
     if FLAGS.keep_freed_memory:  # before JAX starts its threads
         from proxy_jax import malloc
         malloc.keep_freed_memory()
+    from proxy_jax import xla_flags
+
+    xla_flags.apply_cpu_flags()  # before JAX starts a backend
     from proxy_jax import multihost
 
     settings = multihost.resolve(

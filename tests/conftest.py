@@ -1,4 +1,4 @@
-"""Test-wide setup: eight fake CPU devices for the data-parallel tests.
+"""Test-wide setup: eight fake CPU devices for the data-parallel tests, and main.py's XLA flags.
 
 XLA reads the flag once, when the backend starts, so it is set here, before any test
 module imports jax.
@@ -6,6 +6,9 @@ module imports jax.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from proxy_jax import xla_flags  # noqa: E402  (starts no backend)
+
+xla_flags.apply_cpu_flags()  # what main.py runs with, so that the tests check it
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -211,6 +211,31 @@ def test_step_is_independent_of_the_convolution_implementation(tiny_root, monkey
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_memvir_step_updates_the_memory_without_copying_it(tiny_root):
+    """With main.py's XLA flags (proxy_jax.xla_flags, applied by conftest), the compiled
+    MemVir step (fused Norm-SoftMax, cache included) updates the donated memory in place:
+    no copy of a memory-sized buffer. XLA's default copy analysis makes six."""
+    config = tiny_config(tiny_root, **{"regularizer.name": "memvir",
+                                       "regularizer.memvir_num_steps": 3,
+                                       "regularizer.memvir_step_gap": 1})
+    assert "--xla_cpu_copy_insertion_use_region_analysis=true" in os.environ["XLA_FLAGS"]
+    model, objective, tx, state = _initial(config)
+    mesh = train.make_mesh(1)
+    step = train.parallelize(train.train_step, mesh, model=model, tx=tx, objective=objective,
+                             steps_per_epoch=2, freeze_bn=config.model.freeze_bn)
+    batch = {"image": np.zeros((8, 16, 16, 3), np.float32),
+             "label": np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32)}
+    hlo = step.lower(train.replicate(state, mesh), train.shard_batch(batch, mesh)).compile()
+    hlo = hlo.as_text()
+    memory_shapes = {f"f32[{','.join(map(str, a.shape))}]"
+                     for a in (state.memory.embeddings, state.memory.proxies,
+                               state.memory.lse_cache)}
+    assert len(memory_shapes) == 3 and "copy(" in hlo
+    copies = [line for line in hlo.splitlines()
+              if " copy(" in line and any(f"= {s}" in line for s in memory_shapes)]
+    assert copies == []
+
+
 # ------------------------------------------------------------------ resume, NaN, workdir
 
 def _latest_state(workdir, config):
