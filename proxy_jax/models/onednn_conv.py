@@ -196,11 +196,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, *,
 
     Call :func:`use_onednn` first: this assumes the library is registered.
     """
-    b, h, w, _ = x.shape
     k, o = kernel.shape[0], kernel.shape[3]
     if kernel.shape[1] != k or kernel.shape[2] != x.shape[3]:
         raise ValueError(f"kernel {kernel.shape} does not fit input {x.shape}")
-    out_shape = (b, (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1, o)
+    out_shape = _output_shape(x.shape, kernel.shape, stride, padding)
     if bias is not None and bias.shape != (o,):
         raise ValueError(f"bias {bias.shape} does not fit {o} output channels")
     if residual is not None and residual.shape != out_shape:
@@ -214,16 +213,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, *,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _conv(x, kernel, bias, residual, stride, padding, relu):
-    out_shape = x.shape[:1] + _spatial_out(x.shape, kernel.shape, stride, padding) \
-        + kernel.shape[3:]
     operands = [a for a in (x, kernel, bias, residual) if a is not None]
-    return _call("forward", out_shape, *operands, stride=stride, padding=padding,
-                 bias=bias is not None, relu=bool(relu))
+    return _call("forward", _output_shape(x.shape, kernel.shape, stride, padding), *operands,
+                 stride=stride, padding=padding, bias=bias is not None, relu=bool(relu))
 
 
-def _spatial_out(x_shape, kernel_shape, stride, padding):
+def _output_shape(x_shape, kernel_shape, stride, padding) -> tuple:
+    """[B, H', W', O] of a convolution of x [B, H, W, C] with a [K, K, C, O] kernel."""
     k = kernel_shape[0]
-    return tuple((n + 2 * padding - k) // stride + 1 for n in x_shape[1:3])
+    spatial = tuple((n + 2 * padding - k) // stride + 1 for n in x_shape[1:3])
+    return (x_shape[0], *spatial, kernel_shape[3])
 
 
 def _conv_forward(x, kernel, bias, residual, stride, padding, relu):

@@ -12,9 +12,9 @@
 //   PjOnednnConvBackward         (x, w, dy)                        -> (dx, dw)
 //
 // The forward handler adds the bias b (attribute bias) and the residual r (when passed) and,
-// with the attribute relu, applies max(0, .) inside the convolution's own loop (oneDNN post-ops): a frozen
-// BatchNorm folded into w and b, its ReLU and a ResNet block's residual add cost no extra
-// pass over the activations.
+// with the attribute relu, applies max(0, .) inside the convolution's own loop (oneDNN
+// post-ops): a frozen BatchNorm folded into w and b, its ReLU and a ResNet block's residual
+// add cost no extra pass over the activations.
 //
 // The weights are handed to oneDNN in the blocked layout its kernel prefers (a reorder per
 // call; weights are small next to activations): with plain HWIO weights the backward pass
