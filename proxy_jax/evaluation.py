@@ -12,9 +12,15 @@ Definitions (``q`` a query, ``R_q`` the number of gallery items that share its l
 query itself excluded in all-vs-all retrieval):
 
 * Neighbours are ranked by inner product of the l2-normalized float32 embeddings, highest
-  first. **Ties** (equal float32 similarities) go to the **lower index** first, as faiss'
-  ``IndexFlatL2`` (pytorch-metric-learning's default) orders exact duplicates. The rule is
-  exact in ``method='blocks'``; faiss orders ties itself (see ``method``).
+  first. **Exact duplicates** (gallery rows equal bit for bit once l2-normalized; -0.0 equals
+  0.0) rank in **index order, lower index first**, by every method and block size: the search
+  runs over the distinct gallery rows and gives every item of a row that row's similarity, so
+  duplicates tie exactly whatever last bits BLAS or faiss produce. (Computed separately, the
+  similarities of a query to two identical rows can differ in the last bit with the rows'
+  places in a BLAS block.) Other **ties**, between *different* rows whose float32 similarities
+  happen to be equal, also go to the lower index ('blocks', and within a faiss list), but
+  whether two such rows tie at all depends on those last bits, so their order is not promised
+  across methods, block sizes or CPUs; pytorch-metric-learning leaves even duplicates to them.
 * **All-vs-all** (no gallery: CUB, Cars196, SOP): the query's *own index* is excluded, not "the
   first neighbour" as in the official code, so an exact duplicate of the query is a legitimate
   neighbour (pytorch-metric-learning does the same).
@@ -95,10 +101,11 @@ def retrieval_metrics(
       gallery_embeddings: [M, D] float array or None. None: all-vs-all, the query excluded.
       gallery_labels: [M] integer array, given iff ``gallery_embeddings`` is.
       method: 'auto' (faiss on a GPU when faiss sees one, 'blocks' otherwise), 'blocks'
-        (exact blocked matmul on the CPU, below), or 'faiss' (faiss kNN of max(K, R) neighbours
-        per query, on the GPU if there is one; each list is re-sorted by similarity, then
-        index, but a tie across the end of the list is cut where faiss cuts it, and faiss'
-        IndexFlatIP returns tied items higher index first).
+        (exact blocked matmul on the CPU, below), or 'faiss' (faiss kNN of max(K, R) distinct
+        gallery rows per query, on the GPU if there is one, expanded to their items and
+        re-sorted by similarity, then index; exact duplicates are never cut apart, but a tie
+        between different rows across the end of the list is cut where faiss cuts it).
+        Both give identical numbers up to the ties between different rows (module docstring).
       block_size: rows per block of the similarity matrix ('blocks': whole classes per block,
         so a block may be larger; memory is a few block_size**2 float32 buffers) or queries per
         faiss search ('faiss'). No N x M matrix is ever held.
@@ -114,6 +121,9 @@ def retrieval_metrics(
     gather), counts those that beat s+, and merges those >= t into the top-R lists, raising t.
     All-vs-all similarity is symmetric, so each off-diagonal block is computed once and read by
     rows and by columns. Each similarity is computed once, so every comparison is consistent.
+    Items whose row has an exact duplicate are searched per chunk of queries against their
+    distinct rows, each row's similarity copied to its items (``_search_blocks``); on data
+    without duplicates (every item its own row) that part is empty.
     """
     query, query_labels, gallery, gallery_labels_, all_vs_all = _validate_retrieval(
         embeddings, labels, gallery_embeddings, gallery_labels
@@ -264,8 +274,6 @@ def _validate_retrieval(embeddings, labels, gallery_embeddings, gallery_labels):
     _, codes = np.unique(np.concatenate([query_labels, gallery_labels_]), return_inverse=True)
     query_codes = codes[: len(query)]
     gallery_codes = query_codes if all_vs_all else codes[len(query):]
-    query = _l2_normalize(query)
-    gallery = query if all_vs_all else _l2_normalize(gallery)
     return query, query_codes, gallery, gallery_codes, all_vs_all
 
 
@@ -296,6 +304,12 @@ def _l2_normalize(x):
 
 def _search(query, query_labels, gallery, gallery_labels, *, all_vs_all, max_k, method,
             block_size):
+    """Dispatch to a search method.
+
+    query: [N, D] float32, not yet normalized; gallery: [M, D] float32 (all-vs-all: query
+    itself); labels: dense codes shared by both. The gallery is searched as its distinct
+    l2-normalized rows (``_distinct_rows``), so that exact duplicates share one similarity.
+    """
     if method not in ("auto", "blocks", "faiss"):
         raise ValueError(f"method must be 'auto', 'blocks' or 'faiss', got {method!r}")
     if not isinstance(block_size, numbers.Integral) or block_size < 1:
@@ -304,9 +318,62 @@ def _search(query, query_labels, gallery, gallery_labels, *, all_vs_all, max_k, 
         method = "faiss" if _faiss_num_gpus() > 0 else "blocks"
     num_relevant = np.bincount(gallery_labels, minlength=query_labels.max() + 1)[query_labels]
     num_relevant = num_relevant - int(all_vs_all)
+    rows, row_of = _distinct_rows(gallery)
+    query = None if all_vs_all else _l2_normalize(query)
     search = _search_blocks if method == "blocks" else _search_faiss
-    return search(query, query_labels, gallery, gallery_labels, num_relevant,
+    return search(query, query_labels, rows, row_of, gallery_labels, num_relevant,
                   all_vs_all=all_vs_all, max_k=max_k, block_size=int(block_size))
+
+
+def _distinct_rows(x):
+    """The distinct l2-normalized rows of x, and which of them each row of x is.
+
+    Rows are deduplicated before the normalization, so that equal rows of x share one
+    normalized row whatever the arithmetic does, and after it, so that rows that normalize to
+    the same vector (x and 2x) share one too.
+
+    Args:
+      x: [N, D] float32, finite.
+
+    Returns:
+      rows: [U, D] float32, unit (or zero) rows, no two equal bit for bit (-0.0 is made 0.0),
+        in the order of their first occurrence in x.
+      row_of: [N] int64, row i of x normalized is rows[row_of[i]].
+    """
+    x = x + np.float32(0)  # -0.0 -> 0.0: equal values get equal bytes
+    first, row_of = _first_occurrences(x)
+    normalized = _l2_normalize(x if len(first) == len(x) else x[first]) + np.float32(0)
+    first_normalized, normalized_of = _first_occurrences(normalized)
+    if len(first_normalized) < len(normalized):
+        normalized, row_of = normalized[first_normalized], normalized_of[row_of]
+    return normalized, row_of
+
+
+def _first_occurrences(x):
+    """Groups of rows equal byte for byte.
+
+    Args:
+      x: [N, D] float32, C-contiguous.
+
+    Returns:
+      first: [U] int64, increasing, the rows equal to no earlier row.
+      inverse: [N] int64, row i equals row first[inverse[i]].
+    """
+    n, d = x.shape
+    # An integer hash (arithmetic mod 2**64 is exact in any order, so equal rows get equal
+    # hashes wherever they are); only rows that share a hash are compared byte for byte.
+    multipliers = np.random.default_rng(0x5EED).integers(0, 2**64, d, dtype=np.uint64)
+    hashes = np.einsum("ij,j->i", x.view(np.uint32), multipliers | np.uint64(1))
+    _, hash_of, hash_count = np.unique(hashes, return_inverse=True, return_counts=True)
+    first_equal = np.arange(n)
+    shared = np.flatnonzero(hash_count[hash_of] > 1)
+    if shared.size:
+        keys = np.ascontiguousarray(x[shared]).view(np.dtype((np.void, d * x.itemsize)))
+        _, first_shared, shared_of = np.unique(keys.ravel(), return_index=True,
+                                               return_inverse=True)
+        first_equal[shared] = shared[first_shared[shared_of.ravel()]]
+    first = np.flatnonzero(first_equal == np.arange(n))
+    return first, np.searchsorted(first, first_equal)
 
 
 def _faiss_num_gpus():
@@ -315,31 +382,48 @@ def _faiss_num_gpus():
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def _search_faiss(query, query_labels, gallery, gallery_labels, num_relevant, *, all_vs_all,
-                  max_k, block_size):
-    """faiss exact inner-product kNN of max(max_k, max R) neighbours, block_size queries at once."""
+def _search_faiss(query, query_labels, rows, row_of, gallery_labels, num_relevant, *,
+                  all_vs_all, max_k, block_size):
+    """faiss exact inner-product kNN over the distinct gallery rows, expanded to the items.
+
+    Each query gets the k nearest distinct rows; every item of a row has that row's similarity,
+    so exact duplicates are ranked by index. k rows hold at least k items, so k = max(max_k,
+    max R) (+ 1 all-vs-all, for the query itself) rows always fill the list.
+    """
     import faiss  # noqa: PLC0415
 
-    num_candidates = len(gallery) - int(all_vs_all)
+    num_candidates = len(row_of) - int(all_vs_all)
     list_len = min(max(max_k, int(num_relevant.max())), num_candidates)
-    k = list_len + int(all_vs_all)
+    need = list_len + int(all_vs_all)  # items per query before its own index is dropped
+    k = min(need, len(rows))
     if faiss.get_num_gpus() > 0 and k <= _GPU_MAX_K:
         resources = faiss.StandardGpuResources()
-        index = faiss.GpuIndexFlatIP(resources, gallery.shape[1])
+        index = faiss.GpuIndexFlatIP(resources, rows.shape[1])
     else:
-        index = faiss.IndexFlatIP(gallery.shape[1])
-    index.add(gallery)
+        index = faiss.IndexFlatIP(rows.shape[1])
+    index.add(rows)
+    multiplicity = np.bincount(row_of, minlength=len(rows))
+    items_by_row = np.argsort(row_of, kind="stable")  # grouped by row, index order within
+    row_start = np.cumsum(multiplicity) - multiplicity
+    num_queries = len(row_of) if all_vs_all else len(query)
     max_r = int(num_relevant.max())
-    first_hit_rank = np.empty(len(query), np.int64)
-    top_hits = np.zeros((len(query), max_r), bool)
-    for start in range(0, len(query), block_size):
-        stop = min(start + block_size, len(query))
-        sims, idx = index.search(query[start:stop], k)
+    first_hit_rank = np.empty(num_queries, np.int64)
+    top_hits = np.zeros((num_queries, max_r), bool)
+    for start in range(0, num_queries, block_size):
+        stop = min(start + block_size, num_queries)
+        block = rows[row_of[start:stop]] if all_vs_all else query[start:stop]
+        sims, ids = index.search(block, k)
+        if len(rows) == len(row_of):  # no duplicates: rows are the items, in order
+            keys = _rank_keys(sims, ids)
+        else:
+            keys = _expand_rows(sims, ids, multiplicity, items_by_row, row_start, need)
         if all_vs_all:
-            sims, idx = _drop_self(sims, idx, np.arange(start, stop))
-        # Deterministic order inside the list: similarity down, then index up.
-        order = np.lexsort((idx, -sims), axis=1)
-        idx = np.take_along_axis(idx, order, axis=1)
+            # The query's own index (not the first column: a duplicate may come first). A list
+            # that missed it loses its last item instead, as pytorch-metric-learning does.
+            keys[_key_index(keys) == np.arange(start, stop)[:, None]] = _NO_KEY
+        # Similarity down, then index up; the first list_len are the query's list.
+        keys = np.sort(keys, axis=1)[:, :list_len]
+        idx = _key_index(keys)
         same = gallery_labels[idx] == query_labels[start:stop, None]
         found = same.any(axis=1)
         first_hit_rank[start:stop] = np.where(found, same.argmax(axis=1), list_len)
@@ -349,18 +433,41 @@ def _search_faiss(query, query_labels, gallery, gallery_labels, num_relevant, *,
     return Neighbours(first_hit_rank, top_hits, num_relevant, num_candidates)
 
 
-def _drop_self(sims, idx, query_index):
-    # Remove the query's own index (not the first column: a duplicate may come first); rows
-    # whose list missed the query drop their last entry instead, as pytorch-metric-learning does.
-    is_self = idx == query_index[:, None]
-    is_self[~is_self.any(axis=1), -1] = True
-    keep = ~is_self
-    rows = len(idx)
-    return sims[keep].reshape(rows, -1), idx[keep].reshape(rows, -1)
+def _expand_rows(sims, ids, multiplicity, items_by_row, row_start, need):
+    """Rank keys of the items of faiss' rows, per query.
+
+    Args:
+      sims, ids: [B, k] faiss' similarities and row ids, similarity down.
+      multiplicity: [U] items per row; items_by_row: [M] items grouped by row (index order
+        within), row r's from row_start[r].
+      need: items a query needs. A row contributes at most its first `need` items (by index),
+        and the rows after the first `need` items contribute none.
+
+    Returns:
+      [B, W] uint64 rank keys (``_rank_keys``), unsorted, padded with _NO_KEY.
+    """
+    take = np.minimum(multiplicity[ids], need)
+    before = np.cumsum(take, axis=1) - take
+    take[before >= need] = 0
+    flat_take = take.ravel()
+    source = np.repeat(np.arange(flat_take.size), flat_take)  # (query, slot) of each item
+    offset = _ranges(np.zeros_like(flat_take), flat_take)  # its place among the row's items
+    items = items_by_row[row_start[ids.ravel()[source]] + offset]
+    keys = np.full((len(ids), int(take.sum(axis=1).max())), _NO_KEY, np.uint64)
+    keys[source // ids.shape[1], before.ravel()[source] + offset] = _rank_keys(
+        sims.ravel()[source], items)
+    return keys
+
+
+def _ranges(starts, counts):
+    """[sum(counts)] int64, the concatenation of arange(s, s + c) over (starts, counts)."""
+    ends = np.cumsum(counts)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.repeat(starts - ends + counts, counts) + np.arange(total)
 
 
 class _ChunkState:
-    """Running search state of one chunk of queries (rows sorted by label)."""
+    """Running search state of one chunk of queries (whole classes)."""
 
     def __init__(self, num_rows, max_r):
         self.best_val = np.full(num_rows, np.inf, np.float32)  # s+: best positive similarity
@@ -398,97 +505,214 @@ def _key_index(keys):
     return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
-def _search_blocks(query, query_labels, gallery, gallery_labels, num_relevant, *, all_vs_all,
-                   max_k, block_size):
-    """Exact search by blocked matmul; see ``retrieval_metrics`` for the idea."""
+def _search_blocks(query, query_labels, rows, row_of, gallery_labels, num_relevant, *,
+                   all_vs_all, max_k, block_size):
+    """Exact search by blocked matmul; see ``retrieval_metrics`` for the idea.
+
+    Gallery items are of two kinds. "Singles", whose row no other item has, are searched
+    directly (all-vs-all: in symmetric blocks). "Twins", items whose row has an exact
+    duplicate, are searched over their distinct rows: for each chunk of queries, the
+    similarity to each such row is computed once and copied to all of the row's items, so
+    twins tie exactly and the tie rule (lower index first) orders them. A chunk's home step
+    sees every positive: its singles block plus its classes' twins.
+
+    Args:
+      query: [N, D] unit rows, or None all-vs-all (the queries are the gallery items).
+      query_labels: [N] codes; rows: [U, D] distinct unit gallery rows; row_of: [M] the row of
+        each gallery item; gallery_labels: [M] codes; num_relevant: [N] R of each query.
+    """
     del max_k  # ranks are exact, whatever K
-    num_candidates = len(gallery) - int(all_vs_all)
-    q_order = np.argsort(query_labels, kind="stable")
-    g_order = q_order if all_vs_all else np.argsort(gallery_labels, kind="stable")
-    q_sorted, q_lab = query[q_order], query_labels[q_order]
-    if all_vs_all:
-        g_sorted, g_lab = q_sorted, q_lab
-    else:
-        g_sorted, g_lab = gallery[g_order], gallery_labels[g_order]
-    r_sorted = num_relevant[q_order]
+    num_candidates = len(row_of) - int(all_vs_all)
     num_classes = int(max(query_labels.max(), gallery_labels.max())) + 1
-    g_start = np.concatenate([[0], np.cumsum(np.bincount(g_lab, minlength=num_classes))])
+    multiplicity = np.bincount(row_of, minlength=len(rows))
+    twin = multiplicity[row_of] > 1  # [M]
+    single_count = np.bincount(gallery_labels[~twin], minlength=num_classes)
+    twin_count = np.bincount(gallery_labels[twin], minlength=num_classes)
+    q_order = np.argsort(query_labels, kind="stable")
+    chunks = _class_aligned_chunks(query_labels[q_order], block_size)
+    # Each chunk's classes, codes class_range[0] .. class_range[1] - 1.
+    class_ranges = [(query_labels[q_order[lo]], query_labels[q_order[hi - 1]] + 1)
+                    for lo, hi in chunks]
+    if all_vs_all:
+        # Each chunk holds its singles, then its twins (by class, then index, in both), so
+        # that the singles of two chunks make one block that serves both of them.
+        chunk_of = np.repeat(np.arange(len(chunks)), [hi - lo for lo, hi in chunks])
+        q_order = q_order[np.argsort(2 * chunk_of + twin[q_order], kind="stable")]
+        q_sorted = rows[row_of[q_order]]
+        singles, single_index, twin_index = q_sorted, q_order, q_order
+        single_pos = _run_starts(~twin[q_order], single_count)
+        twin_pos = _run_starts(twin[q_order], twin_count)
+        mids = [lo + int(np.count_nonzero(~twin[q_order[lo:hi]])) for lo, hi in chunks]
+        homes = [((lo, mid), (mid, hi)) for (lo, hi), mid in zip(chunks, mids)]
+    else:
+        q_sorted = query[q_order]
+        single_index = _by_label(np.flatnonzero(~twin), gallery_labels)
+        twin_index = _by_label(np.flatnonzero(twin), gallery_labels)
+        singles = rows[row_of[single_index]]
+        single_cum = np.concatenate([[0], np.cumsum(single_count)])
+        twin_cum = np.concatenate([[0], np.cumsum(twin_count)])
+        single_pos, twin_pos = single_cum[:-1], twin_cum[:-1]
+        homes = [((single_cum[c_lo], single_cum[c_hi]), (twin_cum[c_lo], twin_cum[c_hi]))
+                 for c_lo, c_hi in class_ranges]
+    q_lab = query_labels[q_order]
+    r_sorted = num_relevant[q_order]
+    twins = _Twins(rows, row_of, multiplicity)
 
-    chunks = _class_aligned_chunks(q_lab, block_size)
     states = [_ChunkState(hi - lo, int(r_sorted[lo:hi].max(initial=0))) for lo, hi in chunks]
-    buffer = _BlockBuffer()
-
-    # Home blocks first: a chunk against the gallery items of its own classes.
-    homes = []
-    for (lo, hi), state in zip(chunks, states):
-        h_lo, h_hi = int(g_start[q_lab[lo]]), int(g_start[q_lab[hi - 1] + 1])
-        homes.append((h_lo, h_hi))
-        if h_hi == h_lo:
-            continue  # none of the chunk's classes is in the gallery: nothing is relevant
-        sims = buffer.matmul(q_sorted[lo:hi], g_sorted[h_lo:h_hi])
-        if all_vs_all:
-            np.fill_diagonal(sims, -np.inf)  # the query itself, by index
-        g_index = g_order[h_lo:h_hi]
+    buffer, row_buffer = _BlockBuffer(), _BlockBuffer()
+    for (lo, hi), (c_lo, c_hi), ((s_lo, s_hi), (t_lo, t_hi)), state in zip(
+            chunks, class_ranges, homes, states):
         r_chunk = r_sorted[lo:hi]
-        has = r_chunk > 0
-        # Gather each row's positives: its class is one run of columns (rows are sorted).
-        first_col = g_start[q_lab[lo:hi]] - h_lo
-        count = g_start[q_lab[lo:hi] + 1] - g_start[q_lab[lo:hi]]
-        width = int(count.max())
-        cols = first_col[:, None] + np.arange(width)
-        positive = np.arange(width) < count[:, None]
+        if not r_chunk.any():
+            continue  # nothing is relevant to any of these queries
+        block = q_sorted[lo:hi]
+        # Home block: the chunk's queries against the singles and twins of their classes.
+        sims = buffer.matmul(block, singles[s_lo:s_hi])
+        col_index = single_index[s_lo:s_hi]
+        if t_hi > t_lo:
+            home_twins = twin_index[t_lo:t_hi]
+            home_rows, home_col = np.unique(twins.number[row_of[home_twins]],
+                                            return_inverse=True)
+            home_row_sims = row_buffer.matmul(block, twins.vectors[home_rows])
+            sims = np.concatenate([sims, home_row_sims[:, home_col.ravel()]], axis=1)
+            col_index = np.concatenate([col_index, home_twins])
+        if all_vs_all:
+            np.fill_diagonal(sims, -np.inf)  # the query itself, by index (home = the chunk)
+        # Gather each row's positives: its class is one run of singles and one of twins.
+        labs = q_lab[lo:hi]
+        run_s, run_t = np.arange(single_count[labs].max()), np.arange(twin_count[labs].max())
+        cols = np.concatenate([(single_pos[labs] - s_lo)[:, None] + run_s,
+                               (s_hi - s_lo + twin_pos[labs] - t_lo)[:, None] + run_t], axis=1)
+        positive = np.concatenate([run_s < single_count[labs][:, None],
+                                   run_t < twin_count[labs][:, None]], axis=1)
         if all_vs_all:
             positive &= cols != np.arange(hi - lo)[:, None]  # not the query itself
-        cols = np.minimum(cols, h_hi - h_lo - 1)
+        cols = np.clip(cols, 0, sims.shape[1] - 1)
         pos_sims = np.where(positive, sims[np.arange(hi - lo)[:, None], cols], -np.inf)
         best = pos_sims.max(axis=1)
         tied_best = positive & (pos_sims == best[:, None])
-        best_idx = np.where(tied_best, g_index[cols], _NO_INDEX).min(axis=1)
+        best_idx = np.where(tied_best, col_index[cols], _NO_INDEX).min(axis=1)
+        has = r_chunk > 0
         state.best_val[has] = best[has]
         state.best_idx[has] = best_idx[has]
         # Two lower bounds of each row's R-th best similarity: its worst positive (all R are
         # here), and the max-R-th best of the block (max R >= R); the larger one filters more.
         worst_positive = np.where(positive, pos_sims, np.inf).min(axis=1)
         max_r = int(r_chunk.max())
-        if max_r > 0:
-            kth = sims.shape[1] - max_r
-            block_rth = np.partition(sims, kth, axis=1)[:, kth]
-            state.theta[has] = np.maximum(worst_positive, block_rth)[has]
-        _update(state, sims, g_index, r_sorted[lo:hi], buffer, by_rows=True)
+        kth = sims.shape[1] - max_r
+        block_rth = np.partition(sims, kth, axis=1)[:, kth]
+        state.theta[has] = np.maximum(worst_positive, block_rth)[has]
+        _update(state, sims, col_index, r_chunk, buffer, by_rows=True)
+        in_home = np.zeros(len(twins.vectors), bool)
+        if t_hi > t_lo:
+            # The home twin rows' items of other classes, from the same similarities.
+            in_home[home_rows] = True
+            items, item_col = twins.items_of(home_rows)
+            other = (gallery_labels[items] < c_lo) | (gallery_labels[items] >= c_hi)
+            _update_expanded(state, home_row_sims, item_col[other], items[other], r_chunk,
+                             buffer, block_size)
+        # The other twin rows (none of their items is in the chunk's classes).
+        for k_lo in range(0, len(twins.vectors), block_size):
+            k_hi = min(k_lo + block_size, len(twins.vectors))
+            if in_home[k_lo:k_hi].all():
+                continue
+            row_sims = row_buffer.matmul(block, twins.vectors[k_lo:k_hi])
+            items, item_col = twins.items_of(np.arange(k_lo, k_hi))
+            other = ~in_home[k_lo + item_col]
+            _update_expanded(state, row_sims, item_col[other], items[other], r_chunk, buffer,
+                             block_size)
 
     if all_vs_all:
-        # Symmetric: block (a, b) serves the rows of a and, read by columns, the rows of b.
+        # Symmetric: the block of singles (a, b) serves the rows of a and, read by columns, the
+        # singles of b; b's twins get their own block against a's singles.
         for a, (lo_a, hi_a) in enumerate(chunks):
+            mid_a = mids[a]
             for b in range(a + 1, len(chunks)):
                 lo_b, hi_b = chunks[b]
-                sims = buffer.matmul(q_sorted[lo_a:hi_a], q_sorted[lo_b:hi_b])
-                _update(states[a], sims, q_order[lo_b:hi_b], r_sorted[lo_a:hi_a], buffer,
-                        by_rows=True)
-                _update(states[b], sims, q_order[lo_a:hi_a], r_sorted[lo_b:hi_b], buffer,
-                        by_rows=False)
+                mid_b = mids[b]
+                if mid_b > lo_b:
+                    sims = buffer.matmul(q_sorted[lo_a:hi_a], q_sorted[lo_b:mid_b])
+                    _update(states[a], sims, q_order[lo_b:mid_b], r_sorted[lo_a:hi_a], buffer,
+                            by_rows=True)
+                    if mid_a > lo_a:
+                        _update(states[b], sims[: mid_a - lo_a], q_order[lo_a:mid_a],
+                                r_sorted[lo_b:hi_b], buffer, by_rows=False)
+                if hi_b > mid_b and mid_a > lo_a:
+                    sims = buffer.matmul(q_sorted[mid_b:hi_b], q_sorted[lo_a:mid_a])
+                    _update(states[b], sims, q_order[lo_a:mid_a], r_sorted[lo_b:hi_b], buffer,
+                            by_rows=True, row_offset=mid_b - lo_b)
     else:
-        for (lo, hi), (h_lo, h_hi), state in zip(chunks, homes, states):
-            rest = [(s, min(s + block_size, h_lo)) for s in range(0, h_lo, block_size)]
-            rest += [(s, min(s + block_size, len(g_sorted)))
-                     for s in range(h_hi, len(g_sorted), block_size)]
-            for c_lo, c_hi in rest:
-                sims = buffer.matmul(q_sorted[lo:hi], g_sorted[c_lo:c_hi])
-                _update(state, sims, g_order[c_lo:c_hi], r_sorted[lo:hi], buffer, by_rows=True)
+        for (lo, hi), ((s_lo, s_hi), _), state in zip(chunks, homes, states):
+            if not r_sorted[lo:hi].any():
+                continue
+            rest = [(s, min(s + block_size, s_lo)) for s in range(0, s_lo, block_size)]
+            rest += [(s, min(s + block_size, len(singles)))
+                     for s in range(s_hi, len(singles), block_size)]
+            for g_lo, g_hi in rest:
+                sims = buffer.matmul(q_sorted[lo:hi], singles[g_lo:g_hi])
+                _update(state, sims, single_index[g_lo:g_hi], r_sorted[lo:hi], buffer,
+                        by_rows=True)
 
-    first_hit_rank = np.empty(len(query), np.int64)
+    first_hit_rank = np.empty(len(q_order), np.int64)
     max_r = int(num_relevant.max(initial=0))
-    top_hits = np.zeros((len(query), max_r), bool)
+    top_hits = np.zeros((len(q_order), max_r), bool)
     for (lo, hi), state in zip(chunks, states):
-        rows = q_order[lo:hi]
+        queries = q_order[lo:hi]
         has = r_sorted[lo:hi] > 0
-        first_hit_rank[rows] = np.where(has, state.beat, num_candidates)
+        first_hit_rank[queries] = np.where(has, state.beat, num_candidates)
         width = state.top_key.shape[1]
         valid = state.top_key != _NO_KEY
         safe_idx = np.where(valid, _key_index(state.top_key), 0)
         hits = valid & (gallery_labels[safe_idx] == q_lab[lo:hi, None])
         hits &= np.arange(width) < r_sorted[lo:hi, None]
-        top_hits[rows, :width] = hits
+        top_hits[queries, :width] = hits
     return Neighbours(first_hit_rank, top_hits, num_relevant, num_candidates)
+
+
+class _Twins:
+    """The distinct gallery rows that more than one item has, and their items.
+
+    Attributes:
+      vectors: [T, D] float32, those rows.
+      number: [U] int64, a row's position in ``vectors`` (-1: a single's row).
+      items: [sum of their multiplicities] int64, their items grouped by row, index order
+        within; row t's items are items[start[t]:start[t + 1]].
+    """
+
+    def __init__(self, rows, row_of, multiplicity):
+        twin_rows = np.flatnonzero(multiplicity > 1)
+        self.vectors = rows[twin_rows]
+        self.number = np.full(len(rows), -1, np.int64)
+        self.number[twin_rows] = np.arange(len(twin_rows))
+        items = np.flatnonzero(multiplicity[row_of] > 1)
+        self.items = items[np.argsort(row_of[items], kind="stable")]
+        self.start = np.concatenate([[0], np.cumsum(multiplicity[twin_rows])])
+
+    def items_of(self, numbers):
+        """The items of rows ``numbers`` [n], and the position in ``numbers`` of each's row."""
+        counts = self.start[numbers + 1] - self.start[numbers]
+        items = self.items[_ranges(self.start[numbers], counts)]
+        return items, np.repeat(np.arange(len(numbers)), counts)
+
+
+def _run_starts(member, counts):
+    """[C] position of each class's first member, where member [M] marks runs of counts [C]."""
+    positions = np.flatnonzero(member)
+    if not len(positions):
+        return np.zeros(len(counts), np.int64)
+    starts = np.cumsum(counts) - counts
+    return positions[np.minimum(starts, len(positions) - 1)]
+
+
+def _by_label(items, labels):
+    return items[np.argsort(labels[items], kind="stable")]
+
+
+def _update_expanded(state, row_sims, cols, items, num_relevant, buffer, block_size):
+    """_update with similarities copied from the rows' columns: item j has row_sims[:, cols[j]]."""
+    for lo in range(0, len(items), block_size):
+        sims = buffer.take(row_sims, cols[lo:lo + block_size])
+        _update(state, sims, items[lo:lo + block_size], num_relevant, buffer, by_rows=True)
 
 
 def _class_aligned_chunks(sorted_labels, block_size):
@@ -507,31 +731,42 @@ def _class_aligned_chunks(sorted_labels, block_size):
 
 
 class _BlockBuffer:
-    """Reused memory for one similarity block and its mask."""
+    """Reused memory for one similarity block and one mask (each grown as needed)."""
 
     def __init__(self):
         self._sims = np.empty(0, np.float32)
         self._mask = np.empty(0, bool)
 
+    def _out(self, rows, cols):
+        if self._sims.size < rows * cols:
+            self._sims = np.empty(rows * cols, np.float32)
+        return self._sims[: rows * cols].reshape(rows, cols)
+
     def matmul(self, a, b):
-        size = len(a) * len(b)
-        if self._sims.size < size:
-            self._sims = np.empty(size, np.float32)
-            self._mask = np.empty(size, bool)
-        out = self._sims[:size].reshape(len(a), len(b))
-        return np.matmul(a, b.T, out=out)
+        """a [n, D] @ b [m, D].T -> [n, m] float32 (a view of the buffer)."""
+        return np.matmul(a, b.T, out=self._out(len(a), len(b)))
+
+    def take(self, source, cols):
+        """source[:, cols] for source [n, k], cols [m] -> [n, m] (a view of the buffer)."""
+        return np.take(source, cols, axis=1, out=self._out(len(source), len(cols)),
+                       mode="clip")
 
     def mask(self, shape):
+        """A [rows, cols] bool scratch array."""
+        if self._mask.size < shape[0] * shape[1]:
+            self._mask = np.empty(shape[0] * shape[1], bool)
         return self._mask[: shape[0] * shape[1]].reshape(shape)
 
 
-def _update(state, sims, col_index, num_relevant, buffer, *, by_rows):
+def _update(state, sims, col_index, num_relevant, buffer, *, by_rows, row_offset=0):
     """Fold one similarity block into a chunk's state.
 
-    by_rows: the chunk's queries are the rows of ``sims`` (else its columns); ``col_index``
-    holds the original gallery index of the other axis.
+    by_rows: the chunk's queries are the rows of ``sims`` (else its columns); they are the
+    state's rows row_offset, row_offset + 1, ...; ``col_index`` holds the original gallery
+    index of the other axis.
     """
-    threshold = state.threshold()
+    num = sims.shape[0] if by_rows else sims.shape[1]
+    threshold = state.threshold()[row_offset:row_offset + num]
     mask = buffer.mask(sims.shape)
     np.greater_equal(sims, threshold[:, None] if by_rows else threshold[None, :], out=mask)
     flat = np.flatnonzero(mask)
@@ -542,6 +777,7 @@ def _update(state, sims, col_index, num_relevant, buffer, *, by_rows):
         rows, other = np.divmod(flat, sims.shape[1])
     else:
         other, rows = np.divmod(flat, sims.shape[1])
+    rows += row_offset
     g_index = col_index[other]
     best = state.best_val[rows]
     beats = (vals > best) | ((vals == best) & (g_index < state.best_idx[rows]))

@@ -59,6 +59,40 @@ def _pml(query, query_labels, reference=None, reference_labels=None):
 # ----------------------------------------------------------------------------- references
 
 
+def _float32_rounding(dim):
+    """A bound on how far two float32 evaluations of one similarity of unit rows may fall
+    apart: (2 dim + 4) units of 2**-24 each (the dot product and the normalization of both
+    rows), twice."""
+    return 2 * (2 * dim + 4) * 2.0**-24
+
+
+def _assert_rank_margin(x, y, ks, gallery=None, gallery_labels=None):
+    """Checks that every pair of neighbours whose order the metrics see (a hit next to a miss
+    within the first max(max ks, R) + 1) differ in float64 similarity by more than
+    ``_float32_rounding``: then any float32 code path, on any CPU, ranks them alike."""
+    all_vs_all = gallery is None
+    if all_vs_all:
+        gallery, gallery_labels = x, y
+
+    def unit(a):
+        a = np.asarray(a, np.float64)
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    sims = unit(x) @ unit(gallery).T
+    worst = np.inf
+    for q in range(len(x)):
+        order = np.argsort(-sims[q], kind="stable")
+        if all_vs_all:
+            order = order[order != q]
+        hit = gallery_labels[order] == y[q]
+        seen = min(max(max(ks), int(hit.sum())) + 1, len(order))
+        s, h = sims[q, order[:seen]], hit[:seen]
+        change = np.flatnonzero(h[1:] != h[:-1])
+        if change.size:
+            worst = min(worst, float((s[change] - s[change + 1]).min()))
+    assert worst > _float32_rounding(x.shape[1]), f"neighbours {worst:.2e} apart"
+
+
 @pytest.mark.parametrize("kind", ["random", "clustered"])
 @pytest.mark.parametrize("method,block_size", [("blocks", 4096), ("blocks", 37), ("faiss", 64)])
 def test_equals_official_proxy_synthesis(official, kind, method, block_size):
@@ -85,20 +119,32 @@ def test_equals_pml_all_vs_all(official, kind, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_singletons_and_duplicates_like_pml(method):
-    # Singleton classes (R = 0) and exact duplicates, within and across classes.
+    # Singleton classes (R = 0) and exact duplicates, within and across classes, against pml.
+    # pml ranks exact duplicates in whatever order the last bits of faiss' BLAS distances put
+    # them (IndexFlatL2), and those vary with the CPU: on data where their order changes the
+    # metrics, pml's answer is not a fixed number. So each duplicate here sits where its order
+    # changes nothing (checked: the float64 rule gives the same metrics with duplicates in
+    # reversed index order); the order itself is tested against the float64 rule below
+    # (test_exact_duplicates_rank_by_index_everywhere).
     x, y = _clustered(3, 120, 8, classes=15, noise=0.8)
+    for i in range(3):                                # rows 0, 1, 2: far from their classes
+        x[i] = _unit(-x[y == y[i]].mean(axis=0, keepdims=True))[0]
     y = np.concatenate([y, [100, 101, 102]])          # three singletons
     x = np.concatenate([x, x[:3]])                    # ... that duplicate rows 0, 1, 2
-    x[10] = x[11]                                     # a duplicate pair
-    x[20] = x[30]
+    for c in (y[10], y[20]):                          # duplicate pairs within a class
+        a, b = np.flatnonzero(y == c)[-2:]
+        x[b] = x[a]
+    want = _float64_rule(x, y, [1])
+    assert _float64_rule(x, y, [1], twins_first=False) == pytest.approx(want, abs=1e-12)
     got = ev.retrieval_metrics(x, y, ks=[1], method=method, block_size=16)
-    want = _pml(x, y)
+    assert got == pytest.approx(want, abs=1e-12)
+    pml = _pml(x, y)
     # pml's precision_at_1 skips lone queries; recall@1 counts them as misses.
     lone = np.isin(y, [100, 101, 102])
     assert got["recall@1"] == pytest.approx(
-        want["precision_at_1"] * (~lone).sum() / len(y), abs=1e-6)
-    assert got["r_precision"] == pytest.approx(want["r_precision"], abs=1e-6)
-    assert got["map@r"] == pytest.approx(want["mean_average_precision_at_r"], abs=1e-6)
+        pml["precision_at_1"] * (~lone).sum() / len(y), abs=1e-6)
+    assert got["r_precision"] == pytest.approx(pml["r_precision"], abs=1e-6)
+    assert got["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)
 
 
 @pytest.mark.parametrize("method,block_size", [("blocks", 4096), ("blocks", 9), ("faiss", 32)])
@@ -166,6 +212,108 @@ def test_blocks_equal_brute_force_with_ties(seed, gallery):
         assert got == pytest.approx(want, abs=1e-12, nan_ok=True), block_size
 
 
+def _float64_rule(x, y, ks, gallery=None, gallery_labels=None, *, twins_first=True):
+    """The ranking rule in float64: neighbours by similarity of the unit rows, computed once
+    per distinct gallery row (so exact duplicates tie exactly), ties by index, lower first
+    (twins_first=False: higher first, to see whether the order of the duplicates matters).
+
+    Args: x [N, D], y [N]; gallery [M, D] and gallery_labels [M] or None (all-vs-all, the
+    query excluded by its index). Returns the metrics dict of ``ev.retrieval_metrics``.
+    Checks first that no two different rows come closer in similarity, for any query, than
+    ``_float32_rounding``: different rows are then ordered alike in float32, so only exact
+    duplicates tie.
+    """
+    all_vs_all = gallery is None
+    if all_vs_all:
+        gallery, gallery_labels = x, y
+
+    def unit(a):
+        a = np.asarray(a, np.float64) + 0.0           # -0.0 -> 0.0
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    rows, row_of = np.unique(unit(gallery), axis=0, return_inverse=True)
+    sims = unit(x) @ rows.T                           # [N, distinct rows]
+    gaps = np.diff(np.sort(sims, axis=1), axis=1)
+    assert gaps.min() > _float32_rounding(x.shape[1]), "different rows too close to rank"
+    index = np.arange(len(gallery))
+    recall = {k: [] for k in ks}
+    rps, aps = [], []
+    for q in range(len(x)):
+        order = np.lexsort((index if twins_first else -index, -sims[q, row_of.ravel()]))
+        if all_vs_all:
+            order = order[order != q]
+        hit = gallery_labels[order] == y[q]
+        for k in ks:
+            recall[k].append(hit[:k].any())
+        r = int(hit.sum())
+        if r:
+            rps.append(hit[:r].mean())
+            aps.append(np.sum(np.cumsum(hit[:r]) / np.arange(1, r + 1) * hit[:r]) / r)
+    out = {f"recall@{k}": float(np.mean(v)) for k, v in recall.items()}
+    out["r_precision"] = float(np.mean(rps)) if rps else float("nan")
+    out["map@r"] = float(np.mean(aps)) if aps else float("nan")
+    return out
+
+
+def _with_duplicates(seed, n, d, distinct, classes):
+    """[n, d] float32 rows drawn from `distinct` random rows, the first ones most often, so
+    that most rows have exact duplicates, in their class and in others; labels [n] random.
+    Some duplicates differ in the sign of a zero or by a factor 2 or 1/2 (the same once
+    normalized)."""
+    rng = np.random.default_rng(seed)
+    vocabulary = rng.standard_normal((distinct, d)).astype(np.float32)
+    vocabulary[0, 0] = 0.0
+    weights = 1.0 / np.arange(1, distinct + 1)
+    pick = rng.choice(distinct, n, p=weights / weights.sum())
+    x = vocabulary[pick]
+    x[np.flatnonzero(pick == 0)[::2], 0] = -0.0
+    x[::5] *= 2.0
+    x[1::7] *= 0.5
+    return x, rng.integers(0, classes, n)
+
+
+@pytest.mark.parametrize("ks", [(1, 2, 4, 8, 16, 1000), (1, 3)])
+@pytest.mark.parametrize("gallery", [False, True])
+def test_exact_duplicates_rank_by_index_everywhere(gallery, ks):
+    # The similarities of a query to identical rows, computed in different places of a BLAS
+    # block (or by faiss), may differ in the last bit; the search gives them one value, so
+    # every method and block size ranks exact duplicates by index, like the float64 rule.
+    # ks=(1, 3): faiss' list (max(K, R) items) ends inside runs of duplicates.
+    x, y = _with_duplicates(9, 160, 16, distinct=20, classes=7)
+    y[:2] = [50, 51]                                  # singletons (with duplicates)
+    if gallery:
+        q, qy = x[:50], y[:50].copy()                 # queries, many equal to gallery rows
+        qy[5] = 99                                    # a label the gallery lacks
+        kwargs = dict(gallery_embeddings=x[50:], gallery_labels=y[50:])
+    else:
+        q, qy, kwargs = x, y, {}
+    assert len(np.unique(_unit(x), axis=0)) == 20     # many duplicates indeed
+    want = _float64_rule(q, qy, ks, kwargs.get("gallery_embeddings"),
+                         kwargs.get("gallery_labels"))
+    runs = [("blocks", b) for b in (1, 7, 16, 4096)] + [("faiss", b) for b in (1, 7, 4096)]
+    for method, block_size in runs:
+        got = ev.retrieval_metrics(q, qy, ks=ks, method=method, block_size=block_size,
+                                   **kwargs)
+        assert got == pytest.approx(want, abs=1e-12, nan_ok=True), (method, block_size)
+
+
+def test_duplicates_found_exactly():
+    # Rows equal once normalized are one row, however they got there; close rows are not.
+    x = np.array([[1.0, -0.0, 2.0], [1.0, 0.0, 2.0], [2.0, 0.0, 4.0], [1.0, 0.0, 2.0000002],
+                  [0.0, 0.0, 0.0], [0.0, -0.0, 0.0], [0.5, 0.0, 1.0]], np.float32)
+    rows, row_of = ev._distinct_rows(x)
+    assert row_of.tolist() == [0, 0, 0, 1, 2, 2, 0]
+    assert len(rows) == 3 and not np.signbit(rows).any()
+    # Byte-exact groups, numbered by first occurrence (-0.0 and 0.0 differ in bytes here).
+    shuffled = np.random.default_rng(0).permutation(np.repeat(x, 3, axis=0))
+    first, inverse = ev._first_occurrences(shuffled)
+    seen = {}
+    for i, row in enumerate(shuffled):
+        seen.setdefault(row.tobytes(), i)
+    assert first.tolist() == sorted(seen.values())
+    assert [first[j] for j in inverse] == [seen[row.tobytes()] for row in shuffled]
+
+
 def test_tie_goes_to_lower_index():
     q = [1.0, 0.0]
     twin = [0.6, 0.8]
@@ -211,11 +359,15 @@ def test_all_singletons_give_nan():
 
 
 def test_methods_agree_and_labels_are_arbitrary_ints():
-    x, y = _clustered(6, 400, 16, classes=40, noise=1.2)
+    # faiss and NumPy's BLAS round the similarities differently, so the data keep every
+    # hit/miss pair that the metrics order apart by more than the rounding (checked); the
+    # factor 4 (a power of two) leaves the normalized rows bit for bit the same.
+    x, y = _clustered(23, 400, 16, classes=40, noise=1.2)
     ks = [1, 2, 4, 8, 100]
+    _assert_rank_margin(x, y, ks)
     ref = ev.retrieval_metrics(x, y, ks=ks, method="faiss")
     for block_size in (4096, 64, 5):
-        got = ev.retrieval_metrics(x.astype(np.float64) * 3.0, y * 1000 - 7, ks=ks,
+        got = ev.retrieval_metrics(x.astype(np.float64) * 4.0, y * 1000 - 7, ks=ks,
                                    method="blocks", block_size=block_size)
         assert got == pytest.approx(ref, abs=1e-12)
     assert ev.retrieval_metrics(x, y, ks=ks) == pytest.approx(ref, abs=1e-12)  # 'auto'
