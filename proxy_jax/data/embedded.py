@@ -18,16 +18,21 @@ not trivial: neighbouring classes differ by small hue or frequency steps that th
 blur.
 
 Everything comes from ``numpy.random.default_rng`` keyed by the seed: the same arguments write
-byte-identical PNG files. A marker file written last (``EMBEDDED.json``, holding the format
-version and the generation arguments) tells a finished folder from a partial or outdated one,
-which is regenerated.
+byte-identical PNG files. The set is written into a temporary folder next to ``root`` and
+renamed into place after a marker file (``EMBEDDED.json``: format version, generation
+arguments, pixel hash and the names of every class folder and image file) is written and
+flushed. A root holding a complete marker of this module and nothing the marker does not list
+is reused (same arguments, nothing missing) or regenerated (outdated or damaged); any other
+non-empty folder is refused, never deleted (the rules: the comment 'ownership' below).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 
 import numpy as np
@@ -36,6 +41,8 @@ from PIL import Image
 FORMAT_VERSION = 1
 MARKER = 'EMBEDDED.json'
 NUM_SHAPES = 8
+
+logger = logging.getLogger(__name__)
 
 
 def _hsv_to_rgb(h, s, v):
@@ -181,30 +188,278 @@ def _write(folder: str, config: dict) -> str:
   return digest.hexdigest()
 
 
-def _is_complete(root: str, config: dict) -> bool:
+# ----------------------------------------------------------------------------- ownership
+#
+# The generator removes or replaces only what it can show it wrote:
+#
+# * ``root`` is reused when its marker matches the requested arguments and the folder holds
+#   exactly the files the marker lists (nothing missing, nothing else).
+# * ``root`` is replaced (by a fresh write, renamed into place) only when it does not exist, is
+#   empty, or holds a complete marker of ours (any format version or arguments) and nothing
+#   that marker does not list: missing files are fine (a damaged set of ours), extra ones are
+#   not.
+# * Anything else is refused with a ValueError of one line, and left untouched: a folder without
+#   the marker (a write of ours never leaves one: it is renamed into place after the marker is
+#   written and flushed), a marker that does not parse or lacks fields (not one we wrote), or a
+#   marker next to files it does not list (e.g. a marker copied into a user's data set).
+# * Temporary folders (``.embedded-*`` next to root) carry an owner file (root, host, pid, the
+#   files they may hold). One left by a crashed call is removed by a later call for the same root
+#   when it was made on this host by a process that no longer runs and holds nothing else; any
+#   other ``.embedded-*`` folder (a live writer's, another host's, one without an owner file) is
+#   left alone.
+
+_TMP_PREFIX = '.embedded-'
+_OWNER = '.embedded-owner.json'  # only inside temporary folders, never in a finished root
+_SPLITS = ('train', 'test')
+_CONFIG_KEYS = frozenset(_config(0, 0, 0, 0, 0))
+
+
+def _contents_of(config: dict) -> dict:
+  """The names the generator writes for config: class folders per split and image files."""
+  num_train, num_test = config['num_train_classes'], config['num_test_classes']
+  return {'train': [f'class_{c:04d}' for c in range(num_train)],
+          'test': [f'class_{c:04d}' for c in range(num_train, num_train + num_test)],
+          'images': [f'{i:04d}.png' for i in range(config['images_per_class'])]}
+
+
+def _valid_contents(contents) -> bool:
+  return (isinstance(contents, dict) and set(contents) == {'train', 'test', 'images'}
+          and all(isinstance(v, list) and all(isinstance(n, str) and n and '/' not in n
+                                              and n not in ('.', '..') for n in v)
+                  for v in contents.values()))
+
+
+def _read_marker(folder: str) -> tuple[str, dict | None, str]:
+  """('absent' | 'partial' | 'ok', the marker if ok, why it is partial)."""
+  path = os.path.join(folder, MARKER)
+  if not os.path.lexists(path):
+    return 'absent', None, ''
+  if os.path.islink(path) or not os.path.isfile(path):
+    return 'partial', None, 'not a regular file'
   try:
-    with open(os.path.join(root, MARKER)) as f:
+    with open(path, encoding='utf-8') as f:
       marker = json.load(f)
-  except (OSError, ValueError):
+  except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    return 'partial', None, f'{type(e).__name__}'
+  if not isinstance(marker, dict):
+    return 'partial', None, 'not a JSON object'
+  config = marker.get('config')
+  if not isinstance(config, dict) or set(config) != _CONFIG_KEYS or not all(
+      type(v) is int for v in config.values()):
+    return 'partial', None, f'no valid "config" (keys {sorted(_CONFIG_KEYS)})'
+  digest = marker.get('sha256')
+  if not (isinstance(digest, str) and len(digest) == 64
+          and all(c in '0123456789abcdef' for c in digest)):
+    return 'partial', None, 'no valid "sha256"'
+  if 'contents' in marker and not _valid_contents(marker['contents']):
+    return 'partial', None, 'no valid "contents"'
+  if 'contents' not in marker:  # format 1 markers before the listing: its names follow config
+    marker = dict(marker, contents=_contents_of(config))
+  return 'ok', marker, ''
+
+
+def _compare(folder: str, contents: dict, *, allowed_top=(MARKER,)) -> tuple[list[str], bool]:
+  """(entries under folder that contents does not list, whether everything listed is there).
+
+  Entries are paths relative to folder, sorted; a symbolic link is never ours.
+  """
+  def kind(path):
+    return 'link' if os.path.islink(path) else 'dir' if os.path.isdir(path) else 'file'
+
+  foreign, complete = [], True
+  top = set(os.listdir(folder))
+  for name in sorted(top - set(_SPLITS) - set(allowed_top)):
+    foreign.append(name)
+  for name in set(allowed_top) & top:
+    if kind(os.path.join(folder, name)) != 'file':
+      foreign.append(name)
+  images = set(contents['images'])
+  for split in _SPLITS:
+    split_dir = os.path.join(folder, split)
+    if split not in top:
+      complete = complete and not contents[split]
+      continue
+    if kind(split_dir) != 'dir':
+      foreign.append(split)
+      continue
+    classes = set(contents[split])
+    present = sorted(os.listdir(split_dir))
+    complete = complete and classes <= set(present)
+    for name in present:
+      class_dir = os.path.join(split_dir, name)
+      if name not in classes or kind(class_dir) != 'dir':
+        foreign.append(f'{split}/{name}')
+        continue
+      files = os.listdir(class_dir)
+      complete = complete and len(files) == len(images)
+      foreign += sorted(f'{split}/{name}/{f}' for f in files
+                        if f not in images or kind(os.path.join(class_dir, f)) != 'file')
+  return foreign, complete and not foreign
+
+
+def _benchmark_layout(root: str) -> tuple[str, str] | None:
+  """(description, config.data.dataset value) of a layout ``datasets.load_benchmark`` reads."""
+  from proxy_jax.data import datasets  # a light module; imported here to keep this one standalone
+
+  def has_dirs(*parts):
+    return all(os.path.isdir(os.path.join(root, *p.split('/'))) for p in parts)
+
+  if has_dirs('test/query', 'test/gallery') or has_dirs('query', 'gallery'):
+    return 'an In-shop class-folder layout (query/ and gallery/)', 'inshop'
+  splits = [s for s in _SPLITS if has_dirs(s)]
+  if splits:
+    counts = ', '.join(f'{s}/: {len(os.listdir(os.path.join(root, s)))} class folders'
+                       for s in splits)
+    return f'a class-folder data set ({counts})', 'folder'
+  raw = datasets.detect_raw_dataset(root)
+  if raw is not None:
+    files = {'cars196': 'cars_annos.mat', 'cub200': 'images.txt',
+             'sop': 'Ebay_train.txt', 'inshop': 'list_eval_partition.txt'}[raw]
+    return f'the official {raw} files ({files})', 'inshop' if raw == 'inshop' else 'folder'
+  if has_dirs('images') and any(e.is_dir() for e in os.scandir(os.path.join(root, 'images'))):
+    return 'a folder of classes (images/<class>/)', 'folder'
+  return None
+
+
+def _listing(names: list[str]) -> str:
+  shown = ', '.join(repr(n) for n in names[:3]) + (', ...' if len(names) > 3 else '')
+  return f'{len(names)} entr{"y" if len(names) == 1 else "ies"} ({shown})'
+
+
+def _refusal(root: str, entries: list[str], problem: str) -> ValueError:
+  """The one-line error for a root the generator may not replace; root is left as it is.
+
+  Args:
+    root: the folder.
+    entries: its top-level names.
+    problem: why it is not ours, completing "it holds <what is there> <problem>".
+  """
+  layout = _benchmark_layout(root)
+  what = layout[0] if layout is not None else _listing(entries)
+  advice = 'for the embedded data set, pass a new or empty --config.data.root'
+  if layout is not None:
+    advice = f'to train on it, pass --config.data.dataset={layout[1]}; {advice}'
+  return ValueError(f'refusing to write the embedded data set into {root!r}: it holds {what} '
+                    f'{problem}; nothing was changed. {advice[0].upper()}{advice[1:]}.')
+
+
+def _inspect(root: str, config: dict) -> str:
+  """'absent', 'empty', 'complete' (reuse) or 'ours' (replaceable); raises the refusal."""
+  if not os.path.lexists(root):
+    return 'absent'
+  if not os.path.isdir(root):
+    raise ValueError(f'refusing to write the embedded data set into {root!r}: it is a file, not '
+                     'a folder; nothing was changed. Pass a new or empty --config.data.root.')
+  entries = sorted(os.listdir(root))
+  if not entries:
+    return 'empty'
+  state, marker, why = _read_marker(root)
+  if state == 'absent':
+    raise _refusal(root, entries, f'and no {MARKER}, so the generator did not write it')
+  if state == 'partial':
+    raise _refusal(root, entries, f'and an unreadable or incomplete {MARKER} ({why}), which the '
+                   'generator never leaves')
+  foreign, complete = _compare(root, marker['contents'])
+  if foreign:
+    raise _refusal(root, entries, f'with an {MARKER} that does not list {_listing(foreign)}')
+  return 'complete' if complete and marker['config'] == config else 'ours'
+
+
+def _write_owner(folder: str, root: str, contents: dict) -> None:
+  with open(os.path.join(folder, _OWNER), 'w') as f:
+    json.dump({'root': root, 'host': socket.gethostname(), 'pid': os.getpid(),
+               'contents': contents}, f)
+
+
+def _process_gone(pid) -> bool:
+  if not isinstance(pid, int) or pid <= 0:
     return False
-  if marker.get('config') != config:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # PermissionError: it runs under another user
     return False
-  counts = {'train': config['num_train_classes'], 'test': config['num_test_classes']}
-  for split, num in counts.items():
-    split_dir = os.path.join(root, split)
-    if not os.path.isdir(split_dir) or len(os.listdir(split_dir)) != num:
-      return False
-  return True
+  return False
+
+
+def _remove_stale_temporaries(parent: str, root: str) -> None:
+  """Removes ``.embedded-*`` folders a crashed call for root left (see the rules above)."""
+  try:
+    names = sorted(n for n in os.listdir(parent) if n.startswith(_TMP_PREFIX))
+  except OSError:
+    return
+  for name in names:
+    path = os.path.join(parent, name)
+    if not name.startswith(_TMP_PREFIX) or os.path.islink(path) or not os.path.isdir(path):
+      continue
+    try:
+      with open(os.path.join(path, _OWNER), encoding='utf-8') as f:
+        owner = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if not (isinstance(owner, dict) and owner.get('root') == root
+            and owner.get('host') == socket.gethostname() and _process_gone(owner.get('pid'))
+            and _valid_contents(owner.get('contents'))):
+      continue
+    foreign, _ = _compare(path, owner['contents'], allowed_top=(MARKER, _OWNER))
+    if not foreign:
+      shutil.rmtree(path, ignore_errors=True)
+
+
+def _install(tmp: str, root: str, config: dict) -> None:
+  """Moves the finished tmp to root, if root (looked at again now) may still be replaced."""
+  state = _inspect(root, config)  # the folder may have changed while tmp was written
+  if state == 'complete':         # another process finished first
+    return
+  aside = None
+  if state == 'empty':
+    try:
+      os.rmdir(root)              # removes only an empty folder, whatever happened meanwhile
+    except OSError:
+      pass
+  elif state == 'ours':
+    # Move the old set aside (one rename, so root is missing only between two renames), then
+    # delete it from there; a crash in between leaves a temporary folder a later call removes.
+    try:
+      os.rename(root, tmp + '.old')
+      aside = tmp + '.old'
+    except FileNotFoundError:     # a racing process moved it first
+      pass
+    if aside is not None:
+      state, marker, _ = _read_marker(aside)
+      contents = marker['contents'] if state == 'ok' else _contents_of(config)
+      _write_owner(aside, root, contents)
+  try:
+    os.rename(tmp, root)
+  except OSError:
+    if _inspect(root, config) != 'complete':  # anyone but a racing copy of ours: refused
+      raise
+  finally:
+    if aside is not None:
+      # Looked at once more: whatever reached the folder between the check and the rename
+      # is not deleted (the folder is then left where it is, and named in the log).
+      try:
+        foreign, _ = _compare(aside, contents, allowed_top=(MARKER, _OWNER))
+      except OSError:           # gone already
+        foreign = []
+      if foreign:
+        logger.warning('left %r in place: it holds %s that the generator did not write', aside,
+                       _listing(foreign))
+      else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def ensure_embedded_dataset(root: str, *, seed: int = 0, num_train_classes: int = 100,
                             num_test_classes: int = 100, images_per_class: int = 30,
                             image_size: int = 32) -> str:
-  """Makes sure ``root`` holds the embedded data set; writes it if absent, partial or outdated.
+  """Makes sure ``root`` holds the embedded data set; writes it if absent, damaged or outdated.
 
   Args:
-    root: output folder; it must not exist, be empty, or hold an earlier embedded data set
-      (anything else raises ValueError rather than being deleted).
+    root: output folder. It must not exist, be empty, or hold an embedded data set this
+      module wrote (its marker, and no file that the marker does not list). Anything else,
+      e.g. a benchmark folder, raises a one-line ValueError naming what is there and is left
+      untouched.
     seed: generation seed; the same arguments give byte-identical files.
     num_train_classes, num_test_classes: class-disjoint splits (zero-shot).
     images_per_class: images of every class.
@@ -220,33 +475,28 @@ def ensure_embedded_dataset(root: str, *, seed: int = 0, num_train_classes: int 
     if not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f'{name} must be an int >= {low}, got {value!r}')
   root = os.path.abspath(os.fspath(root))
+  # A symbolic link is followed: the folder it names is the one looked at and replaced.
+  real = os.path.realpath(root)
   config = _config(int(seed), int(num_train_classes), int(num_test_classes),
                    int(images_per_class), int(image_size))
-  if _is_complete(root, config):
+  if _inspect(real, config) == 'complete':
     return root
-  if os.path.exists(root):
-    entries = set(os.listdir(root))
-    if entries - {'train', 'test', MARKER}:
-      raise ValueError(f'{root!r} exists and holds other files {sorted(entries)[:5]}; expected a '
-                       'new or empty folder or an embedded data set')
-  parent = os.path.dirname(root)
+  parent = os.path.dirname(real)
   os.makedirs(parent, exist_ok=True)
-  # Write next to root and move into place, so a crash leaves no half-written root and two
+  _remove_stale_temporaries(parent, real)
+  # Write next to root and rename into place, so a crash leaves no half-written root and two
   # processes racing here both end with one complete copy.
-  tmp = tempfile.mkdtemp(prefix='.embedded-', dir=parent)
+  tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent)
   try:
+    contents = _contents_of(config)
+    _write_owner(tmp, real, contents)
     digest = _write(tmp, config)
+    os.remove(os.path.join(tmp, _OWNER))
     with open(os.path.join(tmp, MARKER), 'w') as f:
-      json.dump({'config': config, 'sha256': digest}, f, indent=2)
-    if os.path.exists(root):
-      if _is_complete(root, config):  # another process finished first
-        return root
-      shutil.rmtree(root)
-    try:
-      os.rename(tmp, root)
-    except OSError:
-      if not _is_complete(root, config):
-        raise
+      json.dump({'config': config, 'sha256': digest, 'contents': contents}, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())  # the marker is the proof of a finished write: on disk before rename
+    _install(tmp, real, config)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
