@@ -2,6 +2,7 @@
 import io
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -142,6 +143,52 @@ def test_skip_corrupt_counts_and_drops(tmp_path, caplog):
 def test_missing_image_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='nope.jpg'):
     D.load_image(str(tmp_path / 'nope.jpg'))
+
+
+def test_corrupt_image_error_survives_pickling():
+  """Loader workers send their errors to the main process by pickling."""
+  with pytest.raises(D.CorruptImageError) as info:
+    D.decode_image_bytes(b'garbage', name='record-7')
+  error = info.value
+  error.add_note('while reading shard 3')
+  clone = pickle.loads(pickle.dumps(error))
+  assert type(clone) is D.CorruptImageError and str(clone) == str(error)
+  assert (clone.path, clone.reason) == ('record-7', error.reason) and 'record-7' in str(clone)
+  assert clone.__notes__ == ['while reading shard 3']
+
+
+# The loader with worker processes: each error crosses the process boundary by pickling.
+
+def _loader(ds, **kwargs):
+  from proxy_jax.data import ShuffleSampler, eval_transform, make_loader
+  return make_loader(ds, batch_size=kwargs.pop('batch_size', len(ds)), seed=0,
+                     sampler=ShuffleSampler(len(ds), shuffle=False),
+                     transform=eval_transform(8, 8), num_workers=2, **kwargs)
+
+
+@pytest.mark.parametrize('bad', ['garbage', 'truncated', 'missing'])
+def test_bad_image_is_named_through_worker_processes(tmp_path, bad):
+  root = _corrupt_folder(tmp_path)
+  path = {'garbage': os.path.join(root, 'a', 'zz_garbage.jpg'),
+          'truncated': os.path.join(root, 'b', 'big.jpg'),
+          'missing': os.path.join(root, 'b', 'gone.jpg')}[bad]
+  good = [os.path.join(root, c, f'{c}_{i}.jpg') for c in 'ab' for i in range(3)]
+  ds = D.ImageDataset([(p, 0) for p in good[:3]] + [(path, 1)], ['a', 'b'])
+  with _loader(ds) as loader:
+    with pytest.raises(FileNotFoundError if bad == 'missing' else D.CorruptImageError) as info:
+      next(loader)
+  assert path in str(info.value), str(info.value)
+  if bad != 'missing':
+    assert info.value.path == path and info.value.reason
+
+
+def test_skip_corrupt_through_worker_processes(tmp_path):
+  ds = D.ImageFolder(_corrupt_folder(tmp_path), skip_corrupt=True, num_threads=2)
+  assert len(ds) == 6
+  with _loader(ds, batch_size=3, num_epochs=1) as loader:
+    batches = list(loader)
+  assert len(batches) == 2
+  assert np.concatenate([b['label'] for b in batches]).tolist() == ds.targets.tolist()
 
 
 # ----------------------------------------------------------------------------- bad layouts

@@ -8,6 +8,8 @@ covered by the resume, torch-source and shutdown tests.
 import itertools
 import json
 import os
+import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proxy_jax.data.pipeline import make_loader
+from proxy_jax.data.pipeline import DatasetItemError, make_loader
 from proxy_jax.data.samplers import ClassBalancedSampler, DistinctNeighbourSampler, ShuffleSampler
 from proxy_jax.data.transforms import UNIT_RANGE, Normalization, eval_transform, normalize, train_transform
 
@@ -181,6 +183,120 @@ def test_bad_labels_and_images_raise_clear_errors():
         make_loader(ArrayDataset(n=8), **{**kwargs, "transform": lambda image, rng: image})
 
 
+class PickyError(Exception):
+    """A user's exception that pickles but cannot be unpickled (args holds the message only)."""
+
+    def __init__(self, what, code):
+        super().__init__(f"{what} failed with code {code}")
+
+
+class BadItem(ArrayDataset):
+    """ArrayDataset whose item 3 goes wrong in one way."""
+
+    def __init__(self, kind):
+        super().__init__(n=8, num_classes=2)
+        self.kind = kind
+
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        if index != 3:
+            return image, label
+        if self.kind == "label":
+            return image, 7
+        if self.kind == "shape":
+            return np.zeros((8, 8, 2), np.uint8), label
+        if self.kind == "pair":
+            return image
+        if self.kind == "user":
+            raise KeyError("no such record")
+        if self.kind == "unpicklable":
+            raise PickyError("fetch", 7)
+        if self.kind == "transform":
+            return Image.new("RGB", (1, 1)), label
+        raise AssertionError(self.kind)
+
+
+class NoTinyImages:
+    """eval_transform(8, 8) that refuses 1x1 images (a user's transform raising)."""
+
+    def __init__(self):
+        self.inner = eval_transform(8, 8)
+        self.norm = self.inner.norm
+
+    def __call__(self, image, rng):
+        if image.size == (1, 1):
+            raise RuntimeError("image too small")
+        return self.inner(image, rng)
+
+
+_ITEM_ERRORS = {  # kind: (type, what the message says besides "dataset[3]")
+    "label": (ValueError, "label 7; expected >= 0, < num_classes=2"),
+    "shape": (ValueError, "image has shape (8, 8, 2)"),
+    "pair": (ValueError, "expected (image, label)"),
+    "user": (DatasetItemError, "the dataset raised KeyError: 'no such record'"),
+    "unpicklable": (DatasetItemError, "the dataset raised PickyError: fetch failed with code 7"),
+    "transform": (DatasetItemError, "the transform raised RuntimeError: image too small"),
+}
+
+
+def _item_error(kind, num_workers):
+    loader = make_loader(BadItem(kind), batch_size=4, sampler=ShuffleSampler(8, shuffle=False),
+                         transform=NoTinyImages(), num_workers=num_workers, seed=0)
+    with loader, pytest.raises(Exception) as info:
+        _take(loader, 2)
+    return info.value
+
+
+@pytest.mark.parametrize("kind", sorted(_ITEM_ERRORS))
+def test_item_errors_name_the_item_and_survive_pickling(kind):
+    error = _item_error(kind, num_workers=0)
+    expected_type, says = _ITEM_ERRORS[kind]
+    assert type(error) is expected_type and "dataset[3]" in str(error) and says in str(error), error
+    clone = pickle.loads(pickle.dumps(error))
+    assert type(clone) is type(error) and str(clone) == str(error)
+    if isinstance(error, DatasetItemError):
+        assert (clone.index, clone.path, clone.source, clone.error) == \
+            (error.index, error.path, error.source, error.error) == \
+            (3, None, "transform" if kind == "transform" else "dataset", says.split(" raised ")[1])
+        assert isinstance(error.__cause__, (KeyError, PickyError, RuntimeError))
+
+
+@pytest.mark.parametrize("kind", ["label", "shape", "user", "unpicklable", "transform"])
+def test_item_errors_through_worker_processes(kind):
+    # The same exception as without workers, message and all; before, an exception
+    # that did not unpickle became "TypeError: __init__() missing 1 required ...".
+    in_process = _item_error(kind, num_workers=0)
+    error = _item_error(kind, num_workers=2)
+    assert type(error) is type(in_process) and str(error) == str(in_process), error
+    if isinstance(error, DatasetItemError):
+        notes = "\n".join(getattr(error, "__notes__", []))
+        assert "Original traceback (in the loader worker process)" in notes
+        assert "test_pipeline.py" in notes  # where the user's code raised
+
+
+def test_dataset_item_error_names_the_file(tmp_path):
+    from proxy_jax.data import datasets
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.new("RGB", (9, 9)).save(tmp_path / c / f"{i}.png")
+    train = datasets.zero_shot_split(datasets.ImageFolder(str(tmp_path)), num_train_classes=1)[1]
+
+    class Broken:
+        norm = UNIT_RANGE
+
+        def __call__(self, image, rng):
+            raise OSError("disk on fire")
+
+    loader = make_loader(train, batch_size=2, sampler=ShuffleSampler(2, shuffle=False),
+                         transform=Broken(), num_workers=0, seed=0)
+    with pytest.raises(DatasetItemError) as info:
+        next(loader)
+    path = str(tmp_path / "b" / "0.png")  # the subset's item 0 is the folder's item 2
+    assert info.value.path == path and str(info.value) == \
+        f"cannot load dataset[0] ({path!r}): the transform raised OSError: disk on fire"
+
+
 def test_image_folder_source(tmp_path):
     from proxy_jax.data import datasets
     rng = np.random.default_rng(0)
@@ -281,3 +397,122 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
         proc.wait(timeout=30)
     alive = _wait_gone(workers, psutil)
     assert not alive, f"orphaned workers after SIGKILL of the main process: {alive}"
+
+
+_SIGNAL_SCRIPT = textwrap.dedent("""
+    import json, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    from PIL import Image
+    from proxy_jax.data.pipeline import make_loader
+    from proxy_jax.data.samplers import ShuffleSampler
+    from proxy_jax.data.transforms import train_transform
+
+    class Images:
+        def __init__(self, bad=None):
+            self.bad = bad
+        def __len__(self):
+            return 16
+        def __getitem__(self, i):
+            if i == self.bad:
+                raise OSError("unreadable record")
+            time.sleep(0.02)
+            return Image.new("RGB", (20, 20), (i, i, i)), 0
+
+    def loader(bad=None, **kwargs):
+        return make_loader(Images(bad), batch_size=4, sampler=ShuffleSampler(16),
+                           transform=train_transform(8), num_workers=2, seed=0, **kwargs)
+
+    if __name__ == "__main__":
+        mode = sys.argv[1]
+        if mode == "to_the_end":
+            with loader(num_epochs=1) as a:  # closed by `with`
+                assert len(list(a)) == 4
+            b = loader(num_epochs=1)  # closed by the exit hook
+            assert len(list(b)) == 4
+        elif mode == "closed_early":
+            with loader() as a:
+                next(a)
+            b = loader()  # left open at exit
+            next(b)
+        elif mode == "error":
+            list(loader(bad=5, num_epochs=1))  # the error ends the program
+        elif mode == "interrupt_running":  # no handler: KeyboardInterrupt
+            c = loader()
+            next(c)
+            print("running", flush=True)
+            while True:
+                next(c)
+        elif mode == "interrupt_starting":  # handled, as train.py does, during worker start-up
+            got = []
+            signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+            c = loader()
+            print("starting", flush=True)
+            n = len([next(c) for _ in range(6)])
+            c.close()
+            print(json.dumps({{"signals": len(got), "batches": n}}), flush=True)
+""")
+
+
+def _spawned_workers(pid, psutil):
+    return [p for p in psutil.Process(pid).children()
+            if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def _run_script(tmp_path, mode, *, interrupt=None):
+    """Runs _SIGNAL_SCRIPT in its own process group.
+
+    ``interrupt``: None, or when to send SIGINT to the group, as a terminal's Ctrl-C does
+    (every process of the group): ``'line'`` once the script printed its first line,
+    ``'spawned'`` once a worker process exists (it then imports for seconds).
+    """
+    script = tmp_path / "script.py"
+    script.write_text(_SIGNAL_SCRIPT.format(repo=REPO))
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        first = ""
+        if interrupt is not None:
+            first = proc.stdout.readline()
+            if interrupt == "spawned":
+                psutil = pytest.importorskip("psutil")
+                deadline = time.time() + 60
+                while not _spawned_workers(proc.pid, psutil) and time.time() < deadline:
+                    time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, first + out, err
+
+
+@pytest.mark.parametrize("mode", ["to_the_end", "closed_early", "error"])
+def test_no_leaked_shared_memory_at_exit(tmp_path, mode):
+    # A worker whose data ended (or failed) left its last batch's shared memory to the
+    # garbage collector, which ran too late: "resource_tracker: There appear to be N
+    # leaked shared_memory objects to clean up at shutdown".
+    returncode, out, err = _run_script(tmp_path, mode)
+    assert "leaked shared_memory" not in err, err[-3000:]
+    if mode == "error":
+        assert returncode == 1 and \
+            "DatasetItemError: cannot load dataset[5]: the dataset raised OSError: unreadable record" in err
+    else:
+        assert returncode == 0, err[-3000:]
+
+
+def test_ctrl_c_prints_one_keyboard_interrupt(tmp_path):
+    returncode, out, err = _run_script(tmp_path, "interrupt_running", interrupt="line")
+    assert out.startswith("running") and returncode == -signal.SIGINT, err[-3000:]
+    # The main process's traceback only: none from the workers ("Process grain-...").
+    assert err.count("Traceback") == 1 and err.count("KeyboardInterrupt") == 1, err[-5000:]
+    assert "Process " not in err and "leaked shared_memory" not in err, err[-5000:]
+
+
+def test_ctrl_c_during_worker_start_up_leaves_the_workers_running(tmp_path):
+    # A worker imports for seconds before its init runs; it starts with SIGINT blocked,
+    # so a handled Ctrl-C then (train.py saves a checkpoint and stops) kills none.
+    returncode, out, err = _run_script(tmp_path, "interrupt_starting", interrupt="spawned")
+    assert returncode == 0 and "Traceback" not in err, err[-5000:]
+    assert json.loads(out.splitlines()[-1]) == {"signals": 1, "batches": 6}

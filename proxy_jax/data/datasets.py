@@ -57,6 +57,12 @@ class CorruptImageError(ValueError):
     self.path = path
     self.reason = reason
 
+  def __reduce__(self):
+    # Pickling rebuilds an exception as type(e)(*e.args), and args holds only the message:
+    # unpickling (how an error leaves a loader worker process) would call __init__ without
+    # `reason`. Rebuild from (path, reason); the state keeps any other attribute and notes.
+    return type(self), (self.path, self.reason), self.__dict__
+
 
 # ----------------------------------------------------------------------------- image decoding
 

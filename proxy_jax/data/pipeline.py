@@ -30,23 +30,106 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import gc
+import multiprocessing
+import os
+import pickle
+import signal
 import sys
+import traceback
 import weakref
 from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 
+from proxy_jax.data.datasets import CorruptImageError
 from proxy_jax.data.samplers import (PAD_INDEX, Sampler, _check_nonnegative_int, _check_positive_int,
                                      _local_batch_size)
 from proxy_jax.data.transforms import normalize
 
-__all__ = ["Loader", "make_loader"]
+__all__ = ["DatasetItemError", "Loader", "make_loader"]
 
 # Random stream of the augmentations, distinct from the samplers' streams.
 _AUGMENT_STREAM = 3
 # Length of the stream when it runs forever (grain needs a finite length).
 _FOREVER = sys.maxsize // 2
+
+
+class DatasetItemError(ValueError):
+    """The dataset or the transform raised on one item; the message names the item.
+
+    The loader raises it in place of any exception of ``dataset[i]`` or of ``transform``
+    except those that already name their file (:class:`CorruptImageError`, and a
+    ``FileNotFoundError`` naming it), which pass unchanged. The original exception's type
+    and message are part of the message, so the error reads the same whether it was raised
+    in a worker process (which sends it by pickling, and an arbitrary exception may not
+    survive that) or in this one. In this process ``__cause__`` is the original exception;
+    from a worker, a note holds its traceback.
+
+    Attributes:
+      index: the dataset index.
+      path: the item's file when the dataset lists its files (``samples``), else None.
+      source: ``'dataset'`` (``dataset[index]`` raised) or ``'transform'``.
+      error: the original exception as ``'Type: message'``.
+    """
+
+    def __init__(self, index: int, path: Optional[str], source: str, error: str):
+        where = f" ({path!r})" if path is not None else ""
+        super().__init__(f"cannot load dataset[{index}]{where}: the {source} raised {error}")
+        self.index, self.path, self.source, self.error = index, path, source, error
+
+    def __reduce__(self):
+        # Rebuilt from its fields (args holds only the message); the state keeps the notes.
+        return type(self), (self.index, self.path, self.source, self.error), self.__dict__
+
+
+def _item_path(dataset, index: int) -> Optional[str]:
+    """The file of ``dataset[index]`` when the dataset lists (path, label) ``samples``.
+
+    Subsets (``ClassSubset``, ``torch.utils.data.Subset``: ``.dataset`` and ``.indices``)
+    are followed to the dataset they select from. Never raises.
+    """
+    try:
+        while hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+            index, dataset = int(dataset.indices[index]), dataset.dataset
+        samples = getattr(dataset, "samples", None)
+        if samples is None:
+            return None
+        path = samples[index][0]
+        return os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    except Exception:  # describing the item must not hide the error being reported
+        return None
+
+
+def _survives_pickling(error: BaseException) -> bool:
+    """True when ``error`` comes back from pickle with its type and message."""
+    try:
+        clone = pickle.loads(pickle.dumps(error))
+    except Exception:
+        return False
+    return type(clone) is type(error) and str(clone) == str(error)
+
+
+def _item_error(error: Exception, dataset, index: int, source: str) -> Exception:
+    """What the loader raises for ``error``, raised by the ``source`` on ``dataset[index]``.
+
+    ``error`` itself when it names its file and pickles intact; else a DatasetItemError.
+    """
+    path = _item_path(dataset, index)
+    names_itself = isinstance(error, CorruptImageError) or (
+        isinstance(error, FileNotFoundError)
+        and (error.filename is not None or (path is not None and path in str(error))))
+    if names_itself and _survives_pickling(error):
+        return error
+    message = str(error)
+    wrapped = DatasetItemError(index, path, source,
+                               f"{type(error).__name__}: {message}" if message else type(error).__name__)
+    if multiprocessing.parent_process() is not None:
+        # In a worker: only this exception reaches the main process, without __cause__.
+        wrapped.add_note("".join(["Original traceback (in the loader worker process):\n",
+                                  *traceback.format_exception(error)]).rstrip())
+    return wrapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +186,15 @@ class _LoadBatch:
                 images.append(None)
                 labels[row] = -1
                 continue
-            image, label = self.dataset[int(index)]
-            labels[row] = self._check_label(label, int(index))
+            index = int(index)
+            image, label = self._read(index)
+            labels[row] = self._check_label(label, index)
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, int(slot), _AUGMENT_STREAM]))
-            pixels = self.transform(_as_pil(image, int(index)), rng)
-            images.append(_check_pixels(pixels, int(index), images))
+            pixels = self._transform(_as_pil(image, index), rng, index)
+            images.append(_check_pixels(pixels, index, images))
         shape = next((p.shape for p in images if p is not None), None)
         if shape is None:  # this host's slice of the last batch is all padding
-            shape = self.transform(_as_pil(self.dataset[0][0], 0), np.random.default_rng(0)).shape
+            shape = self._transform(_as_pil(self._read(0)[0], 0), np.random.default_rng(0), 0).shape
         batch = np.zeros((len(indices),) + shape, np.uint8)
         for row, pixels in enumerate(images):
             if pixels is not None:
@@ -120,6 +204,29 @@ class _LoadBatch:
             out["mask"] = indices != PAD_INDEX
         return out
 
+    # The user's code (dataset, transform) runs in these two; what it raises names the item.
+    def _read(self, index: int):
+        try:
+            item = self.dataset[index]
+        except Exception as error:
+            wrapped = _item_error(error, self.dataset, index, "dataset")
+            if wrapped is error:
+                raise
+            raise wrapped from error
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"dataset[{index}] returned {type(item).__name__} "
+                             f"{_short_repr(item)}; expected (image, label)")
+        return item
+
+    def _transform(self, image: Image.Image, rng, index: int):
+        try:
+            return self.transform(image, rng)
+        except Exception as error:
+            wrapped = _item_error(error, self.dataset, index, "transform")
+            if wrapped is error:
+                raise
+            raise wrapped from error
+
     def _check_label(self, label, index: int) -> int:
         value = label.item() if hasattr(label, "item") else label  # numpy / torch scalars
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -128,6 +235,11 @@ class _LoadBatch:
             upper = "" if self.num_classes is None else f", < num_classes={self.num_classes}"
             raise ValueError(f"dataset[{index}] has label {value}; expected >= 0{upper}")
         return int(value)
+
+
+def _short_repr(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _as_pil(image, index: int) -> Image.Image:
@@ -178,8 +290,15 @@ def _copy_out(batch: dict) -> dict:
     return {key: np.array(value) for key, value in batch.items()}
 
 
-def _exit_with_parent(worker_index: int, worker_count: int):
-    """grain worker init: end this worker when the main process dies.
+def _init_worker(worker_index: int, worker_count: int):
+    """grain worker init: leave Ctrl-C to the main process; end with the main process.
+
+    A terminal sends Ctrl-C's SIGINT to the whole process group, workers included. The
+    main process handles it (train.py saves a checkpoint and stops; elsewhere it raises
+    KeyboardInterrupt) and stops the workers, so a worker ignores it instead of printing a
+    KeyboardInterrupt traceback of its own and dying mid-batch. The worker started with
+    SIGINT blocked (see ``_sigint_blocked``), so one that arrived during its start-up is
+    discarded here rather than delivered.
 
     close(), exit and KeyboardInterrupt stop the workers through grain; a main process
     killed outright (SIGKILL, OOM killer, SIGTERM without a handler) cannot, and a worker
@@ -187,19 +306,68 @@ def _exit_with_parent(worker_index: int, worker_count: int):
     sentinel and exits the worker when it fires.
     """
     del worker_index, worker_count
-    import multiprocessing
-    import os
     import threading
 
     parent = multiprocessing.parent_process()
     if parent is None:
         return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def watch():
         parent.join()
         os._exit(0)
 
     threading.Thread(target=watch, name="proxy_jax-exit-with-parent", daemon=True).start()
+
+
+class _sigint_blocked:
+    """Blocks SIGINT in this thread for the block; threads started in it inherit the mask.
+
+    grain starts its worker processes from background threads, which are created when the
+    pipeline starts; a process inherits the mask of the thread that starts it. So a worker
+    is born with SIGINT blocked and cannot be interrupted before ``_init_worker`` ignores
+    SIGINT (its start-up takes seconds: imports, unpickling). Only the thread-starting
+    call runs in the block: this thread's Ctrl-C waits at most that long.
+    """
+
+    def __enter__(self):
+        self._mask = None
+        if hasattr(signal, "pthread_sigmask"):
+            from multiprocessing import resource_tracker
+
+            # Launching the resource tracker unblocks SIGINT in the launching thread (it
+            # blocks it around its own spawn the same way): launch it before, not inside.
+            resource_tracker.ensure_running()
+            self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return self
+
+    def __exit__(self, *exc):
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+
+
+def _release_shared_memory():
+    """Unlinks now the shared memory of batches that a closed grain pipeline still holds.
+
+    grain's thread that reads a worker's batches ends (at the end of the data, or on an
+    error) holding its last batch in a frame that is part of a reference cycle with the
+    exception that ended it, so that batch's shared memory is unlinked only when the cyclic
+    garbage collector runs; at interpreter exit that is too late (``SharedMemoryArray``'s
+    ``__del__`` no longer works then) and multiprocessing's resource tracker warns of
+    "leaked shared_memory objects". Collecting here frees them while everything works;
+    grain unlinks in a one-thread pool, so waiting for a no-op task waits for the unlinks.
+    """
+    gc.collect()
+    from grain._src.python.ipc import shared_memory_array
+
+    pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None:
+        try:
+            pool.apply(int)
+        except ValueError:  # the pool was already terminated (interpreter exit)
+            pass
 
 
 def _ensure_absl_flags_parsed():
@@ -219,7 +387,13 @@ class Loader:
     (padding rows of the last batch: zero pixels before normalization, label -1, mask
     False). Worker processes start at the first ``next()`` and stop at :meth:`close`, at
     the end of a ``with`` block, when the loader is garbage-collected, or at interpreter
-    exit (including after ``KeyboardInterrupt``).
+    exit (including after ``KeyboardInterrupt``). They ignore SIGINT: Ctrl-C, which a
+    terminal sends to every process of the group, is the main process's to handle.
+
+    An item that fails raises the same exception for any ``num_workers``, naming the item:
+    :class:`~proxy_jax.data.datasets.CorruptImageError` or ``FileNotFoundError`` (the
+    file), ``ValueError`` for a bad label or image (``dataset[i]``), and
+    :class:`DatasetItemError` for anything else the dataset or the transform raised.
 
     Attributes:
       steps_per_epoch: global batches per epoch.
@@ -250,7 +424,8 @@ class Loader:
         self._step = 0
         # The grain iterator lives in a small list shared with a finalizer that closes
         # it at garbage collection and at interpreter exit (even after KeyboardInterrupt).
-        self._holder = [None, None]  # [grain iterator, its atexit hook]
+        # [grain iterator, its atexit hook, whether closing it must free shared memory]
+        self._holder = [None, None, False]
         weakref.finalize(self, Loader._close_holder, self._holder)
 
     # grain pipeline ------------------------------------------------------------------
@@ -265,8 +440,18 @@ class Loader:
         if self.num_workers > 0:
             iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self.num_workers, per_worker_buffer_size=self._prefetch),
-                worker_init_fn=_exit_with_parent)
+                worker_init_fn=_init_worker)
         self._holder[0] = iter(iter_ds.map(self._finish))
+        if self.num_workers > 0:
+            # Start the workers now, all at once, from grain threads that inherit a blocked
+            # SIGINT (see _sigint_blocked): get_state() makes grain create the per-worker
+            # iterators, start_prefetch() starts their threads, which start the processes.
+            self._holder[0].get_state()
+            with _sigint_blocked():
+                self._holder[0].start_prefetch()
+            # A worker whose data ends leaves its last batch's shared memory to the garbage
+            # collector (see _release_shared_memory); one closed mid-stream does not.
+            self._holder[2] = self.total_steps is not None
         # At exit, close before multiprocessing's own exit hook terminates the workers
         # mid-batch (leaking their shared memory): atexit runs hooks last-in first-out,
         # and this one is registered after grain imported multiprocessing.
@@ -277,12 +462,15 @@ class Loader:
     def _close_holder(holder):
         # Also drops the reference, so grain's own __del__ runs now and not during
         # interpreter teardown (when it fails noisily).
-        iterator, hook = holder
-        holder[:] = [None, None]
+        iterator, hook, release = holder
+        holder[:] = [None, None, False]
         if hook is not None:
             atexit.unregister(hook)
         if iterator is not None:
             iterator.close()
+            del iterator
+            if release:
+                _release_shared_memory()
 
     # iterator protocol -----------------------------------------------------------------
     def __iter__(self):
@@ -293,7 +481,23 @@ class Loader:
             raise StopIteration
         if self._holder[0] is None:
             self._start()
-        batch = next(self._holder[0])
+        try:
+            batch = next(self._holder[0])
+        except BaseException as error:
+            self._holder[2] = self.num_workers > 0  # an error ends the workers' data too
+            if not isinstance(error, Exception):
+                if self.num_workers > 0 and error.__traceback__ is not None:
+                    # KeyboardInterrupt: the frames it unwound (grain's, _Normalize's) hold
+                    # the batch being read, in shared memory, and the exception keeps them
+                    # (after an uncaught one, until the process is gone: "leaked
+                    # shared_memory"). Their locals are no use to anyone.
+                    traceback.clear_frames(error.__traceback__.tb_next)
+            else:
+                # grain notes that it filtered the traceback once per thread the error crossed.
+                notes = getattr(error, "__notes__", None)
+                if notes:
+                    error.__notes__ = list(dict.fromkeys(notes))
+            raise
         self._step += 1
         return batch
 
