@@ -18,12 +18,59 @@ Several processes (machines) form one run when given a coordinator (see
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+# TensorFlow only writes TensorBoard files and reads tfds here; its oneDNN kernels are never
+# used, and the notice that they are on would be printed (twice) before every run's output.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+_HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _fail(message: str) -> None:
+    """Ends the program with one line on stderr and exit status 1."""
+    sys.exit(f"main.py: error: {message}")
+
+
+def _config_file(argv) -> str:
+    """The --config=FILE of the command line (what config_flags reads), or the default."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return _DEFAULT_CONFIG
+
+
+def _check_config_arguments(argv) -> None:
+    """One line for a missing config file or an override of a field that does not exist.
+
+    config_flags applies ``--config.x.y=…`` while the flag is defined; its own errors are a
+    traceback ending in ``AttributeError: "'x'"``. This reads the same file first and
+    names the whole dotted path and the closest fields instead.
+    """
+    from proxy_jax import config_utils
+
+    path = _config_file(argv)
+    if not os.path.isfile(path):
+        _fail(f"config file {path!r} not found; the configs are in "
+              f"{os.path.dirname(_DEFAULT_CONFIG)} (e.g. --config=configs/default.py)")
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if not overrides:
+        return
+    config = config_utils.load_config_file(path)
+    for override in overrides:
+        message = config_utils.unknown_field_message(config, override, source=path)
+        if message is not None:
+            _fail(f"--config.{override}: {message}")
+
+
+if __name__ == "__main__" and not any(a in _HELP_FLAGS for a in sys.argv[1:]):
+    _check_config_arguments(sys.argv[1:])
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training configuration file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, logs and pictures (default "
@@ -46,6 +93,8 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100, "A multi-process run fails when
                      "been silent this long; the others then exit naming it.")
 flags.DEFINE_integer("initialization_timeout_s", 300, "How long processes wait for each other "
                      "to join a multi-process run.")
+flags.DEFINE_bool("traceback", False, "On an error, show the full traceback instead of the "
+                  "one line that names the problem.")
 flags.DEFINE_bool("keep_freed_memory", True, "glibc malloc keeps freed memory for reuse "
                   "instead of unmapping it, so XLA's per-step buffers do not page-fault every "
                   "step on the CPU (see proxy_jax/malloc.py).")
@@ -61,7 +110,9 @@ class _QuietOrbax:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
+    if FLAGS.mode == "embed" and not FLAGS.embed_folder:
+        _fail("--mode=embed needs --embed_folder=FOLDER (the images to embed)")
     logging.get_absl_handler().addFilter(_QuietOrbax())
     if FLAGS.keep_freed_memory:  # before JAX starts its threads
         from proxy_jax import malloc
@@ -84,19 +135,56 @@ def main(argv):
 
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("workdir", config.name)
-    if FLAGS.mode == "train":
-        metrics = train.train_and_evaluate(config, workdir)
-    elif FLAGS.mode == "evaluate":
-        metrics = train.evaluate_checkpoint(config, workdir)
-    else:
-        if not FLAGS.embed_folder:
-            raise app.UsageError("--mode=embed needs --embed_folder")
-        output = FLAGS.embed_output or os.path.join(workdir, "embeddings.npz")
-        metrics = train.embed_folder(config, workdir, FLAGS.embed_folder, output)
-    logging.info("done: %s", metrics)
+    try:
+        if FLAGS.mode == "train":
+            result = train.train_and_evaluate(config, workdir)
+        elif FLAGS.mode == "evaluate":
+            result = train.evaluate_checkpoint(config, workdir)
+        else:
+            output = FLAGS.embed_output or os.path.join(workdir, "embeddings.npz")
+            result = train.embed_folder(config, workdir, FLAGS.embed_folder, output)
+    except (ValueError, OSError, FloatingPointError) as error:
+        # Bad input (a config value, a folder, an image, a checkpoint) or a NaN loss: the
+        # message names it. --traceback shows where it was raised.
+        if FLAGS.traceback:
+            raise
+        _fail(" ".join(str(error).split()) or type(error).__name__)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (the first one saves a checkpoint and stops at the next step).
+        if FLAGS.traceback:
+            raise
+        sys.exit("main.py: interrupted; run the same command again to resume from the last "
+                 "checkpoint")
     if multihost.is_primary():
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        print(summary(FLAGS.mode, result))
+
+
+def summary(mode: str, result: dict) -> str:
+    """The final line: the step reached and each metric beside the step it was measured at."""
+    result = dict(result)
+    if mode == "embed":
+        return (f"embedded {result['num_images']} images ({result['dim']}-d) with the checkpoint "
+                f"of step {result['step']}")
+    step = result.pop("step")
+    measured = result.pop("metrics_step", step)
+    values = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in result.items())
+    if not values:
+        return f"step {step}; no evaluation yet"
+    if measured == step:
+        return f"step {step}: {values}"
+    return f"step {step}; last evaluation at step {measured}: {values}"
+
+
+def _run() -> None:
+    try:
+        app.run(main)
+    except SystemExit as exit_:
+        # absl's --help prints the help and exits with status 1; asking for help is no error.
+        if exit_.code == 1 and any(a in _HELP_FLAGS for a in sys.argv[1:]):
+            sys.exit(0)
+        raise
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _run()

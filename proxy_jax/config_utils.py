@@ -56,14 +56,16 @@ quote the seeds' own 1-based flags):
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import ml_collections
 
-__all__ = ["base_config", "validate", "load_config_file", "load_sibling", "DATASETS"]
+__all__ = ["base_config", "validate", "load_config_file", "load_sibling", "DATASETS",
+           "field_paths", "unknown_field_message"]
 
 DATASETS = ("embedded", "folder", "cub200", "cars196", "sop", "inshop")
 _POOLINGS = ("gap", "gmp", "gap+gmp")
@@ -276,6 +278,44 @@ def override(config: ml_collections.ConfigDict, changes: Mapping[str, Any]
                 node = node[name]
         node[leaf] = value
     return config
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted path of ``config``, sections and fields: ['data', 'data.batch_size', …]."""
+    paths = []
+    for key, value in config.items():
+        paths.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            paths += field_paths(value, prefix + key + ".")
+    return paths
+
+
+def unknown_field_message(config: ml_collections.ConfigDict, path: str, *,
+                          source: str = "the config") -> Optional[str]:
+    """One line for a ``--config.<path>`` override that names no field, or None if it does.
+
+    Names the full dotted path, the first part that does not exist, and the closest valid
+    paths (``difflib``), e.g. "config.data.batchsize is not a field of configs/default.py
+    (config.data has no 'batchsize'); closest: config.data.batch_size".
+    """
+    parts = path.split(".")
+    node = config
+    for i, name in enumerate(parts):
+        if isinstance(node, ml_collections.ConfigDict) and name in node:
+            node = node[name]
+            continue
+        parent = "config" + "".join("." + p for p in parts[:i])
+        if not isinstance(node, ml_collections.ConfigDict):
+            why = f"{parent} is a {type(node).__name__} field, not a section"
+        else:
+            why = f"{parent} has no {name!r}"
+        known = field_paths(config)
+        close = difflib.get_close_matches(path, known, n=3, cutoff=0.6)
+        hint = "; closest: " + ", ".join(f"config.{c}" for c in close) if close else ""
+        if not close and isinstance(node, ml_collections.ConfigDict):
+            hint = f"; {parent} has: " + ", ".join(sorted(node.keys()))
+        return f"config.{path} is not a field of {source} ({why}){hint}"
+    return None
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

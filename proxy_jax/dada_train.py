@@ -657,6 +657,7 @@ def build(config: ml_collections.ConfigDict):
     optimizer and objective slot.
     """
     validate(config)
+    train.check_input_files(config)
     mesh = train.make_mesh(config.num_devices)
     train.check_batch_size(config, mesh)
     local = config.data.batch_size // jax.process_count()

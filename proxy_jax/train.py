@@ -20,7 +20,6 @@ pictures and ``metrics.json``; orbax writes each checkpoint once, from all proce
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import os
@@ -37,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from proxy_jax import config_utils, evaluation, models, multihost, visualize
+from proxy_jax import checkpoints, config_utils, evaluation, models, multihost, visualize
 from proxy_jax.data import datasets, embedded, pipeline, samplers, transforms
 from proxy_jax.objective import Objective, init_proxies, make_objective
 
@@ -45,7 +44,8 @@ __all__ = [
     "SCHEDULES", "TrainState", "learning_rate_fn", "make_optimizer", "freeze_until",
     "create_model", "create_train_state", "forward_global", "train_step", "make_mesh",
     "parallelize", "check_batch_size", "shard_batch", "load_data", "embed_dataset", "evaluate",
-    "Checkpointer", "train_and_evaluate", "evaluate_checkpoint", "embed_folder",
+    "train_and_evaluate", "evaluate_checkpoint", "embed_folder", "images_under",
+    "check_workdir", "check_input_files",
 ]
 
 Array = jax.Array
@@ -488,102 +488,6 @@ def _save_pictures(workdir, tag, query, query_y, gallery, gallery_y, data, confi
             title=f"{config.name}: test embeddings (PCA){tag.replace('_', ' ')}")
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-def _shape_signature(state: TrainState) -> dict:
-    """{'params/backbone/conv1/kernel': [3, 3, 3, 32], …} of every array of the state."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-            {"params": state.params, "batch_stats": state.batch_stats, "memory": state.memory})[0]:
-        flat[jax.tree_util.keystr(path, simple=True, separator="/")] = list(np.shape(leaf))
-    return flat
-
-
-def _loader_state_to_json(loader_state) -> Any:
-    if isinstance(loader_state, bytes):
-        return {"bytes_b64": base64.b64encode(loader_state).decode("ascii")}
-    return loader_state
-
-
-def _loader_state_from_json(value) -> Any:
-    if isinstance(value, dict) and set(value) == {"bytes_b64"}:
-        return base64.b64decode(value["bytes_b64"])
-    return value
-
-
-class Checkpointer:
-    """orbax checkpoints of the whole train state under ``workdir/checkpoints``.
-
-    ``latest/`` keeps the most recent save (resume point); ``best/`` the one with the
-    highest Recall@1 so far. Each save holds the state pytree and a JSON record: the
-    loader position, the best Recall@1, the config and the shape of every array (used to
-    refuse an incompatible workdir before anything is written).
-    """
-
-    def __init__(self, workdir: str):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        root = os.path.join(os.path.abspath(workdir), "checkpoints")
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                               enable_async_checkpointing=False)
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
-        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options)
-        self.directory = root
-
-    def save(self, state: TrainState, record: dict, *, best: bool = False) -> None:
-        ocp = self._ocp
-        step = int(jax.device_get(state.step))
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  record=ocp.args.JsonSave(record))
-        manager = self.best if best else self.latest
-        if manager.latest_step() == step:  # already saved at this step
-            return
-        manager.save(step, args=args)
-        manager.wait_until_finished()
-
-    def latest_record(self, *, best: bool = False) -> Optional[dict]:
-        manager = self.best if best else self.latest
-        step = manager.latest_step()
-        if step is None:
-            return None
-        ocp = self._ocp
-        return manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-
-    def restore(self, target: TrainState, *, best: bool = False) -> tuple[TrainState, dict]:
-        ocp = self._ocp
-        manager = self.best if best else self.latest
-        step = manager.latest_step()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-        return restored["state"], restored["record"]
-
-    def close(self) -> None:
-        self.latest.close()
-        self.best.close()
-
-
-def check_compatible(record: dict, state: TrainState, *, directory: str) -> None:
-    """Raises ValueError (touching nothing) if the checkpoint's arrays differ from the state's."""
-    saved, current = record.get("shapes", {}), _shape_signature(state)
-    problems = []
-    for name in sorted(set(saved) | set(current)):
-        if name not in current:
-            problems.append(f"{name} is in the checkpoint but not in this model")
-        elif name not in saved:
-            problems.append(f"{name} is in this model but not in the checkpoint")
-        elif list(saved[name]) != list(current[name]):
-            problems.append(f"{name} has shape {saved[name]} in the checkpoint, "
-                            f"{current[name]} here")
-    if problems:
-        was = record.get("model", {})
-        raise ValueError(
-            f"the workdir's checkpoint in {directory} does not fit this config (it was written "
-            f"for {was}); nothing was overwritten. Use another --workdir or remove that one. "
-            f"{len(problems)} differences, first: " + "; ".join(problems[:5]))
-
-
 # ---------------------------------------------------------------------------- the loop
 
 class _StopOnSignal:
@@ -671,6 +575,27 @@ def _is_dada(config: ml_collections.ConfigDict) -> bool:
     return "dada" in config
 
 
+def check_workdir(workdir: str) -> None:
+    """A workdir must be a folder or not exist yet (it is created then)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir!r} is a file, not a folder; pass a folder (it is "
+                         "created if it does not exist)")
+
+
+def check_input_files(config: ml_collections.ConfigDict) -> None:
+    """The files a config names exist: checked first, before the seconds of start-up."""
+    pretrained = config.model.pretrained
+    if pretrained and not os.path.isfile(pretrained):
+        raise FileNotFoundError(
+            f"config.model.pretrained: weight file {pretrained!r} not found; write one with "
+            "`python -m proxy_jax.convert` (see the README), or train from scratch with "
+            "--config.model.pretrained=''")
+    root = config.data.root
+    if config.data.dataset != "embedded" and root and not os.path.isdir(root):
+        raise FileNotFoundError(f"config.data.root: data set folder {root!r} not found; pass "
+                                f"the folder of the {config.data.dataset} data set")
+
+
 def _build(config: ml_collections.ConfigDict) -> _Run:
     if _is_dada(config):
         from proxy_jax import dada_train
@@ -678,6 +603,7 @@ def _build(config: ml_collections.ConfigDict) -> _Run:
         return dada_train.build(config)
     config_utils.validate(config)
     _check_names(config)
+    check_input_files(config)  # after the cheap checks of the config, before any other work
     mesh = make_mesh(config.num_devices)
     check_batch_size(config, mesh)
     batch = config.data.batch_size
@@ -711,18 +637,20 @@ def step_function(run: _Run) -> Callable:
 
 
 def _record(run: _Run, state: TrainState, *, loader_state, best_recall: float,
-            metrics: Optional[dict] = None) -> dict:
+            metrics: dict, metrics_step: Optional[int]) -> dict:
+    """The JSON record saved beside the state; ``metrics`` are those of ``metrics_step``."""
     c = run.config
     return {
         "step": int(jax.device_get(state.step)),
-        "loader": _loader_state_to_json(loader_state),
+        "loader": checkpoints.loader_state_to_json(loader_state),
         "best_recall@1": best_recall,
-        "metrics": metrics or {},
+        "metrics": metrics,
+        "metrics_step": metrics_step,
         "model": {"backbone": c.model.backbone, "embedding_dim": c.model.embedding_dim,
                   "num_classes": run.data.num_classes, "loss": c.loss.name,
                   "regularizer": c.regularizer.name},
         "config": c.to_json(),
-        "shapes": _shape_signature(state),
+        "shapes": checkpoints.shape_signature(state),
     }
 
 
@@ -765,27 +693,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """
     from clu import metric_writers
 
+    check_workdir(workdir)
     run = _build(config)
     os.makedirs(workdir, exist_ok=True)
-    checkpointer = Checkpointer(workdir)
+    checkpointer = checkpoints.Checkpointer(workdir)
     state = run.state
     best_recall = -1.0
     loader_state = None
     last_metrics: dict = {}
+    metrics_step: Optional[int] = None  # the step last_metrics were measured at
     # Resume order: (1) build model, optimizer and a fresh state from the config; (2) read
-    # the latest checkpoint's record and refuse an incompatible one before anything is
-    # written; (3) restore the state into the fresh state's structure (replicated);
-    # (4) restore the loader position; (5) restore the best Recall@1 so far. The step,
-    # the RNG key, the optimizer state and MemVir's memory all live in the state.
-    record = checkpointer.latest_record()
-    if record is not None:
-        check_compatible(record, state, directory=checkpointer.directory)
-        state, record = checkpointer.restore(state)
-        state = replicate(state, run.mesh)
-        loader_state = _loader_state_from_json(record["loader"])
+    # the newest checkpoint's record and refuse an incompatible one before anything is
+    # written; (3) restore the state into the fresh state's structure, verifying its
+    # checksum (a damaged checkpoint is set aside and the previous intact one used);
+    # (4) restore the loader position; (5) restore the best Recall@1 so far and the last
+    # evaluation. The step, the RNG key, the optimizer state and MemVir's memory all live
+    # in the state.
+    restored = record = None
+    if checkpointer.latest_step() is not None or checkpointer.latest_step(best=True) is not None:
+        try:
+            restored = checkpointer.restore(state, check=functools.partial(
+                checkpoints.check_compatible, state=state, directory=checkpointer.directory))
+        except BaseException:
+            checkpointer.close()
+            raise
+    if restored is not None:
+        state, record = replicate(restored.state, run.mesh), restored.record
+        loader_state = checkpoints.loader_state_from_json(record["loader"])
         best_recall = float(record["best_recall@1"])
         last_metrics = dict(record.get("metrics") or {})
-        logging.info("resumed from %s at step %d", checkpointer.directory, record["step"])
+        metrics_step = record.get("metrics_step", record["step"] if last_metrics else None)
+        logging.info("resumed from %s at step %d", restored.path, record["step"])
+        if record["step"] >= run.total_steps:
+            checkpointer.close()
+            logging.info("already finished at step %d (of %d); nothing to train", record["step"],
+                         run.total_steps)
+            return _result(record["step"], metrics_step, last_metrics)
 
     loader = pipeline.make_loader(
         run.data.train, batch_size=config.data.batch_size, sampler=run.sampler,
@@ -802,9 +745,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         steps_per_epoch=run.steps_per_epoch, freeze_bn=config.model.freeze_bn)
     embed_fn = _make_embed_fn(run.model, run.mesh)
     primary = multihost.is_primary()
-    # Process 0 logs; the others' writer drops everything (the values are the same).
-    writer = (metric_writers.create_default_writer(workdir) if primary
-              else metric_writers.MultiWriter([]))
+    # Process 0 writes TensorBoard events; the others' writer drops everything (the values
+    # are the same). The progress lines come from the loop's own logging, so no
+    # LoggingWriter (it would print every line a second time).
+    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
+              if primary else metric_writers.MultiWriter([]))
     if record is None:
         writer.write_hparams(_flatten_config(config))
 
@@ -819,16 +764,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         pending.clear()
         for s, m in fetched:
             if not np.isfinite(m["loss"]):
-                kept = checkpointer.latest.latest_step()
+                kept = checkpointer.latest_step()
                 raise FloatingPointError(
                     f"loss is {float(m['loss'])} at step {s} (epoch {(s - 1) // run.steps_per_epoch}); "
                     f"training stopped. The last good checkpoint (step {kept}) is kept in "
                     f"{checkpointer.directory}/latest")
         return fetched
 
-    def save(*, metrics=None, best=False):
+    def save(*, best=False):
         rec = _record(run, state, loader_state=loader.get_state(), best_recall=best_recall,
-                      metrics=metrics)
+                      metrics=last_metrics, metrics_step=metrics_step)
         checkpointer.save(state, rec, best=best)
 
     try:
@@ -871,14 +816,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 if evaluate_now:
                     last_metrics = evaluate(embed_fn, state, run.data, config, run.mesh,
                                             workdir=workdir)
+                    metrics_step = step
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in last_metrics.items()})
                     logging.info("step %d eval %s", step,
                                  ", ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()))
                     improved = last_metrics["recall@1"] > best_recall
                     best_recall = max(best_recall, last_metrics["recall@1"])
-                    save(metrics=last_metrics)
+                    save()
                     if improved:
-                        save(metrics=last_metrics, best=True)
+                        save(best=True)
                     if primary:
                         with open(os.path.join(workdir, "metrics.json"), "w") as f:
                             json.dump({"step": step, **last_metrics}, f, indent=2)
@@ -897,24 +843,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    return {"step": step, **last_metrics}
+    return _result(step, metrics_step, last_metrics)
+
+
+def _result(step: int, metrics_step: Optional[int], metrics: dict) -> dict:
+    """What a run returns: the step reached, and the last metrics with the step of them."""
+    return {"step": step, "metrics_step": metrics_step, **metrics}
 
 
 # ------------------------------------------------------------------ evaluate, embed modes
 
 def _restore_for_inference(config, workdir: str, *, best: bool):
+    """The run of ``config`` and the best (else the latest) intact checkpoint of ``workdir``."""
+    check_workdir(workdir)
+    if not checkpoints.has_checkpoint(workdir):  # before any expensive work; creates nothing
+        raise checkpoints.CheckpointError(
+            f"workdir {workdir!r} holds no checkpoint (expected {workdir}/checkpoints/latest/"
+            "<step>); train it first with --mode=train and the same --config and --workdir")
     run = _build(config)
-    checkpointer = Checkpointer(workdir)
+    checkpointer = checkpoints.Checkpointer(workdir, create=False)
     try:
-        use_best = best and checkpointer.best.latest_step() is not None
-        record = checkpointer.latest_record(best=use_best)
-        if record is None:
-            raise ValueError(f"workdir {workdir!r} holds no checkpoint; train first")
-        check_compatible(record, run.state, directory=checkpointer.directory)
-        state, record = checkpointer.restore(run.state, best=use_best)
+        restored = checkpointer.restore(run.state, prefer_best=best, check=functools.partial(
+            checkpoints.check_compatible, state=run.state, directory=checkpointer.directory))
     finally:
         checkpointer.close()
-    return run, replicate(state, run.mesh), record
+    return run, replicate(restored.state, run.mesh), restored.record
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
@@ -928,34 +881,53 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     return {"step": record["step"], **metrics}
 
 
+def images_under(folder: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """Every image file under ``folder`` (recursively, sorted) with a label.
+
+    The label of a file is the index of the top-level sub-folder it lies in, among the sorted
+    names of the sub-folders that hold images (its class, as in ``folder/<class>/**``), and
+    -1 for a file directly in ``folder``.
+
+    Returns:
+      ([(path, label)], class names).
+
+    Raises:
+      ValueError: ``folder`` is not a folder or holds no image files.
+    """
+    if not os.path.isdir(folder):
+        raise ValueError(f"embed folder {folder!r} is not a folder")
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        rel = os.path.relpath(parent, folder)
+        top = "" if rel == "." else rel.split(os.sep)[0]
+        found += [(os.path.join(parent, f), top) for f in sorted(files)
+                  if datasets.is_image_file(f)]
+    if not found:
+        raise ValueError(f"embed folder {folder!r} holds no image files (extensions "
+                         f"{', '.join(datasets.IMG_EXTENSIONS)})")
+    classes = sorted({top for _, top in found if top})
+    index = {c: i for i, c in enumerate(classes)}
+    return [(path, index.get(top, -1)) for path, top in found], classes
+
+
 def embed_folder(config: ml_collections.ConfigDict, workdir: str, folder: str, output: str, *,
                  best: bool = True) -> dict:
     """Embeds every image under ``folder`` with the workdir's checkpoint into ``output``.
 
-    ``folder`` is a class-folder tree (``folder/<class>/*.jpg``; labels = class index) or a
-    flat folder of images (labels -1). ``output`` is an ``.npz`` with ``embeddings``
-    float32 [N, D] (l2-normalized), ``labels`` int64 [N], ``paths`` [N] and ``classes``.
+    Every image file anywhere under ``folder`` is embedded (see :func:`images_under` for
+    the labels). ``output`` is an ``.npz`` with ``embeddings`` float32 [N, D]
+    (l2-normalized), ``labels`` int64 [N], ``paths`` [N] and ``classes``.
     """
+    samples, classes = images_under(folder)  # before the checkpoint is read
     run, state, record = _restore_for_inference(config, workdir, best=best)
-    if not os.path.isdir(folder):
-        raise ValueError(f"embed_folder: {folder!r} is not a folder")
-    has_classes = any(os.path.isdir(os.path.join(folder, e)) for e in os.listdir(folder))
-    if has_classes:
-        dataset = datasets.ImageFolder(folder)
-        classes = list(dataset.classes)
-    else:
-        files = sorted(f for f in os.listdir(folder) if datasets.is_image_file(f))
-        if not files:
-            raise ValueError(f"embed_folder: {folder!r} holds no images")
-        dataset = datasets.ImageDataset([(os.path.join(folder, f), 0) for f in files], ["?"])
-        classes = []
+    dataset = datasets.ImageDataset([(path, 0) for path, _ in samples], ["?"])
     variables = {"params": {k: v for k, v in state.params.items() if k != "proxies"},
                  "batch_stats": state.batch_stats}
-    embeddings, labels = embed_dataset(_make_embed_fn(run.model, run.mesh), variables, dataset,
-                                       config, run.mesh)
-    if not has_classes:
-        labels = np.full(len(labels), -1, np.int64)
-    paths = np.asarray([p for p, _ in dataset.samples])
+    embeddings, _ = embed_dataset(_make_embed_fn(run.model, run.mesh), variables, dataset,
+                                  config, run.mesh)
+    labels = np.asarray([label for _, label in samples], np.int64)
+    paths = np.asarray([path for path, _ in samples])
     if multihost.is_primary():
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         np.savez(output, embeddings=embeddings, labels=labels, paths=paths,

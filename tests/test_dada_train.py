@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proxy_jax import config_utils, dada_train, models, train
+from proxy_jax import checkpoints, config_utils, dada_train, models, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DADA_CONFIGS = ("dada_cub200", "dada_cars196", "dada_sop", "dada_inshop")
@@ -191,9 +191,9 @@ def test_dada_step_is_independent_of_the_device_count(tiny_root):
 # ---------------------------------------------------------------------------- resume
 
 def _latest(workdir, run):
-    checkpointer = train.Checkpointer(workdir)
+    checkpointer = checkpoints.Checkpointer(workdir)
     try:
-        state, record = checkpointer.restore(jax.device_get(run.state))
+        state, record, _ = checkpointer.restore(jax.device_get(run.state))
     finally:
         checkpointer.close()
     return jax.device_get(state), record

@@ -1,10 +1,12 @@
 """main.py end to end: train writes checkpoints, TensorBoard events, pictures and metrics;
-evaluate and embed modes read them back; a bad override fails naming the key."""
+evaluate and embed modes read them back; a finished run re-run says so; every bad input
+ends in one line that names it."""
 
 import ast
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,7 +42,8 @@ def trained(tiny_root, tmp_path_factory):
 
 def test_train_writes_checkpoints_events_pictures_metrics(trained):
     workdir, result = trained
-    assert os.listdir(os.path.join(workdir, "checkpoints", "latest")) == ["3"]
+    # The newest save and the one before it (a damaged newest one is survivable).
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == ["2", "3"]
     assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     for name in ("retrieval.png", "embedding_map.png"):
@@ -50,8 +53,23 @@ def test_train_writes_checkpoints_events_pictures_metrics(trained):
         metrics = json.load(f)
     assert metrics["step"] == 3 and 0.0 <= metrics["recall@1"] <= 1.0
     assert {"recall@1", "recall@8", "r_precision", "map@r"} <= set(metrics)
-    # Progress line with throughput and ETA, and the evaluation line.
+    # Progress line with throughput and ETA, and the evaluation line, each printed once.
     assert "img/s  ETA" in result.stderr and "eval recall@1" in result.stderr
+    progress = [line.split("]", 1)[-1] for line in result.stderr.splitlines() if "img/s" in line]
+    assert progress and len(progress) == len(set(progress)), progress
+    # The final line pairs the metrics with the step they were measured at.
+    assert result.stdout.strip().splitlines()[-1].startswith("step 3: recall@1 ")
+    assert "leaked shared_memory" not in result.stderr
+
+
+def test_rerun_of_a_finished_run_says_so(trained, tiny_root):
+    workdir, _ = trained
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
+    result = _main(f"--config.data.root={tiny_root}", *TINY, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already finished at step 3" in result.stderr
+    assert "img/s" not in result.stderr  # no step was run
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == before
 
 
 def test_tensorboard_has_loss_learning_rates_norms_and_metrics(trained):
@@ -95,11 +113,80 @@ def test_evaluate_and_embed_modes_read_the_checkpoint(trained, tiny_root, tmp_pa
         assert out["embeddings"].shape == (18, 8) and info["num_images"] == 18
         np.testing.assert_allclose(np.linalg.norm(out["embeddings"], axis=1), 1.0, rtol=1e-5)
         assert sorted(set(out["labels"].tolist())) == [0, 1, 2]
+
+    # Images at the top level and in nested sub-folders are all embedded (label -1 at the top).
+    mixed = tmp_path / "mixed"
+    shutil.copytree(os.path.join(tiny_root, "test"), mixed / "classes")
+    images = sorted(glob.glob(str(mixed / "classes" / "*" / "*")))
+    shutil.copy(images[0], mixed / "top.jpg" if images[0].endswith(".jpg") else mixed / "top.png")
+    (mixed / "b" / "nested").mkdir(parents=True)
+    shutil.copy(images[1], mixed / "b" / "nested" / os.path.basename(images[1]))
+    info = train.embed_folder(config, workdir, str(mixed), str(tmp_path / "mixed.npz"))
+    with np.load(str(tmp_path / "mixed.npz")) as out:
+        assert info["num_images"] == 20 and out["embeddings"].shape == (20, 8)
+        assert sorted(set(out["labels"].tolist())) == [-1, 0, 1]
+        assert out["labels"].tolist().count(-1) == 1
     with pytest.raises(ValueError, match="holds no checkpoint"):
         train.evaluate_checkpoint(config, str(tmp_path / "empty"))
 
 
-def test_bad_override_fails_naming_the_key():
-    result = _main("--config.data.batchsize=4", timeout=120)
-    assert result.returncode != 0
-    assert "batchsize" in result.stderr
+def _one_line_error(result) -> str:
+    """The only line of stderr of a run that failed on bad input, without a traceback."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("main.py: error: "), lines
+    return lines[0]
+
+
+def test_unknown_config_key_names_the_path_and_the_closest():
+    line = _one_line_error(_main("--config.data.batchsize=4", timeout=120))
+    assert "data.batchsize" in line and "data.batch_size" in line
+
+
+def test_missing_config_file():
+    line = _one_line_error(_main("--config=configs/nope.py", timeout=120))
+    assert "configs/nope.py" in line and "not found" in line
+
+
+def test_embed_without_folder():
+    line = _one_line_error(_main("--mode=embed", timeout=120))
+    assert "--embed_folder" in line
+
+
+def test_help_exits_zero():
+    result = _main("--help", timeout=120)
+    assert result.returncode == 0 and "--config" in result.stdout + result.stderr
+
+
+def test_evaluate_without_checkpoint_creates_nothing(tmp_path):
+    workdir = tmp_path / "nothing"
+    line = _one_line_error(_main("--mode=evaluate", f"--workdir={workdir}", timeout=120))
+    assert str(workdir) in line and "checkpoint" in line
+    assert not workdir.exists()
+
+
+def test_workdir_that_is_a_file(tmp_path, tiny_root):
+    workdir = tmp_path / "a_file"
+    workdir.write_text("mine")
+    line = _one_line_error(_main(f"--config.data.root={tiny_root}", *TINY,
+                                 f"--workdir={workdir}", timeout=300))
+    assert str(workdir) in line
+    assert workdir.read_text() == "mine"
+
+
+def test_missing_pretrained_file_is_named_before_start_up(tmp_path, tiny_root):
+    missing = str(tmp_path / "resnet50.npz")
+    result = _main(f"--config.data.root={tiny_root}", *TINY, f"--config.model.pretrained={missing}",
+                   f"--workdir={tmp_path / 'run'}", timeout=300)
+    line = _one_line_error(result)
+    assert missing in line and "--config.model.pretrained=''" in line
+
+
+def test_empty_class_folder(tmp_path, tiny_root):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    (root / "train" / "zz_empty").mkdir()
+    line = _one_line_error(_main(f"--config.data.root={root}", *TINY,
+                                 f"--workdir={tmp_path / 'run'}", timeout=300))
+    assert "zz_empty" in line

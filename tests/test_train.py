@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from proxy_jax import config_utils, train, xla_flags
+from proxy_jax import checkpoints, config_utils, train, xla_flags
 from proxy_jax.objective import make_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,9 +240,9 @@ def test_memvir_step_updates_the_memory_without_copying_it(tiny_root):
 
 def _latest_state(workdir, config):
     run = train._build(config)
-    checkpointer = train.Checkpointer(workdir)
+    checkpointer = checkpoints.Checkpointer(workdir)
     try:
-        state, record = checkpointer.restore(run.state)
+        state, record, _ = checkpointer.restore(run.state)
     finally:
         checkpointer.close()
     return jax.device_get(state), record
