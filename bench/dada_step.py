@@ -4,10 +4,11 @@ Both sides: ResNet-50 (BatchNorm frozen) → GAP + GMP → linear 512, CUB-200 s
 classes, batches of 2 images per class).
 
 * **PA**: the plain Proxy-Anchor step (l2-normalized head, α 32, δ 0.1, AdamW, proxies at
-  100 × lr). proxy_jax: ``train.train_step``; torch: a transcription of the loss.
+  100 × lr). proxy_jax: the proxy method's step (``proxy_jax.methods.proxy``); torch: a
+  transcription of the loss.
 * **DADA**: the ``dada_cub200`` recipe (LayerNorm head, pos_class_mix, fd2_bn, fc2_bn,
   d_step 3, g_step 1, three Adam optimizers), after the warm-ups. proxy_jax:
-  ``dada_train.train_step``; torch: the official loop of Noahsark/DADA ``main.py`` with its
+  ``proxy_jax.methods.dada.train_step``; torch: the official loop of Noahsark/DADA ``main.py`` with its
   ``criteria/dadaproxy.Criterion`` imported unchanged from ``--official`` (a clone of
   github.com/Noahsark/DADA; the torch DADA row is skipped without it). Per batch the
   official loop runs the network once under ``no_grad`` (the discriminators' input), then
@@ -63,14 +64,13 @@ def _batch(args):
 # ------------------------------------------------------------------------------ proxy_jax
 
 def _jax_config(args, dada_recipe):
-    from proxy_jax import config_utils
+    from configs import cub200_proxy_anchor_resnet50, dada_cub200
 
     if dada_recipe:
-        config = config_utils.load_config_file(os.path.join(ROOT, "configs", "dada_cub200.py"))
+        config = dada_cub200.get_config()
         config.dada.d_warmup_epochs = 0  # time the full step, not the warm-up
     else:
-        config = config_utils.load_config_file(
-            os.path.join(ROOT, "configs", "cub200_proxy_anchor_resnet50.py"))
+        config = cub200_proxy_anchor_resnet50.get_config()
         config.model.embedding_dim = 512
     config.optimizer.warmup_epochs = 0
     config.model.backbone, config.model.pretrained = "resnet50", ""
@@ -81,29 +81,32 @@ def _jax_config(args, dada_recipe):
     return config
 
 
+def _plan(config, mesh):
+    """The model and the data-parallel step of ``config``'s method, as ``train.build`` makes
+    them (without data: the batch is random)."""
+    from proxy_jax import methods, parallel
+
+    method = methods.get_method(config.method)
+    model = methods.create_model(config, **method.model_overrides(config))
+    plan = method.setup(config, model, num_classes=NUM_CLASSES, steps_per_epoch=100)
+    return model, plan, parallel.parallelize(plan.step_fn, mesh)
+
+
 def _jax_steps(args):
     import jax
     import numpy as np
 
-    from proxy_jax import dada_train, objective as objective_lib, train
+    from proxy_jax import parallel
+    from proxy_jax.methods import network_params
 
-    mesh = train.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     images, labels = _batch(args)
-    batch = train.shard_batch({"image": images, "label": labels}, mesh)
-    steps = {}
+    batch = parallel.shard_batch({"image": images, "label": labels}, mesh)
+    steps, holder = {}, {}
 
     # Plain Proxy-Anchor.
-    config = _jax_config(args, dada_recipe=False)
-    model = train.create_model(config)
-    objective = objective_lib.make_objective(config, num_classes=NUM_CLASSES,
-                                             global_batch_size=args.batch)
-    state, tx = train.create_train_state(
-        config, model, objective,
-        lambda params, _: train.make_optimizer(config, train.param_labels(params),
-                                               steps_per_epoch=100), num_classes=NUM_CLASSES)
-    pa = train.parallelize(train.train_step, mesh, model=model, tx=tx, objective=objective,
-                           steps_per_epoch=100, freeze_bn=True)
-    holder = {"pa": train.replicate(state, mesh)}
+    _, plan, pa = _plan(_jax_config(args, dada_recipe=False), mesh)
+    holder["pa"] = parallel.replicate(plan.state, mesh)
 
     def run_pa():
         holder["pa"], metrics = pa(holder["pa"], batch)
@@ -111,18 +114,11 @@ def _jax_steps(args):
     steps["PA"] = run_pa
 
     # DADA.
-    config = _jax_config(args, dada_recipe=True)
-    model = dada_train.create_model(config)
-    state, gen_tx = dada_train.create_dada_state(config, model, num_classes=NUM_CLASSES,
-                                                 steps_per_epoch=100)
-    step_fn = dada_train.make_train_step(config, num_classes=NUM_CLASSES, steps_per_epoch=100)
-    dada = train.parallelize(step_fn, mesh, model=model, tx=gen_tx,
-                             objective=dada_train.make_objective(config), steps_per_epoch=100,
-                             freeze_bn=True)
-    variables = jax.device_get({"params": {k: v for k, v in state.params.items()
-                                           if k != "proxies"},
-                                "batch_stats": state.batch_stats})  # a copy: the state is donated
-    holder["dada"] = train.replicate(state, mesh)
+    model, plan, dada = _plan(_jax_config(args, dada_recipe=True), mesh)
+    # A copy: the state is donated to the step.
+    variables = jax.device_get({"params": network_params(plan.state.params),
+                                "batch_stats": plan.state.batch_stats})
+    holder["dada"] = parallel.replicate(plan.state, mesh)
     forward = jax.jit(lambda v, x: model.apply(v, x, train=True))
 
     def run_dada():

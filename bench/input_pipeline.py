@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from proxy_jax.data.pipeline import make_loader  # noqa: E402
 from proxy_jax.data.samplers import ShuffleSampler  # noqa: E402
-from proxy_jax.data.transforms import Normalization, eval_transform, train_transform  # noqa: E402
+from proxy_jax.data.transforms import InputNormalization, eval_transform, train_transform  # noqa: E402
 
-IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bgr=False, scale=1 / 255)
+IMAGENET = InputNormalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bgr=False, scale=1 / 255)
 
 
 def write_jpegs(root: str, count: int, num_classes: int = 16, seed: int = 0) -> None:

@@ -7,7 +7,8 @@ Each row times one training-step worth of loss work: the loss and its gradients 
 the embeddings and the proxies (and, for MemVir, reading and pushing the memory). The
 JAX side is one ``jax.jit`` function; the torch side is the reference the project is
 tested against: pytorch-metric-learning where it has the loss (``NormalizedSoftmaxLoss``,
-``ProxyNCALoss``, ``ProxyAnchorLoss``) and otherwise a plain torch transcription, below,
+``ProxyNCALoss``, ``ProxyAnchorLoss``, ``SoftTripleLoss`` with ``SparseCentersRegularizer``)
+and otherwise a plain torch transcription, below,
 of the official modules (Proxy Synthesis: navervision/proxy-synthesis
 ``loss/proxy_losses.py``; MemVir: navervision/MemVir ``loss/memvir.py`` and
 ``loss/softmax_variants.py``).
@@ -40,7 +41,7 @@ def _parse_args():
                         help="a block is busy when other processes used more cores than this")
     parser.add_argument("--verbose", action="store_true", help="print the loss values")
     parser.add_argument("--rows", default="all",
-                        help="comma-separated row keys (ns,ns_ps,nca,nca_ps,pa98,pa_sop,memvir)")
+                        help="comma-separated row keys (ns,ns_ps,nca,nca_ps,pa98,pa_sop,st,memvir)")
     return parser.parse_args()
 
 
@@ -58,8 +59,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from pytorch_metric_learning import losses as pml_losses  # noqa: E402
+from pytorch_metric_learning import regularizers as pml_regularizers  # noqa: E402
 
-from proxy_jax.losses import norm_softmax, proxy_anchor, proxy_nca  # noqa: E402
+from proxy_jax.losses import norm_softmax, proxy_anchor, proxy_nca, soft_triple  # noqa: E402
 from proxy_jax.regularizers.memvir import (  # noqa: E402
     memvir_init, memvir_norm_softmax, memvir_push, memvir_virtual)
 from proxy_jax.regularizers.synthesis import proxy_synthesis  # noqa: E402
@@ -278,6 +280,20 @@ def row_proxy_anchor(c):
     return _with_check(_jax_value_and_grad(loss)(x, y, p), _torch_step(ref, x, y, ref.proxies))
 
 
+def row_soft_triple():
+    """The paper's Cars196 setting: K=10 centres per class, λ=20, γ=0.1, τ=0.2, δ=0.01."""
+    b, c, k, d = 32, 98, 10, 512
+    x, y, _ = _data(b, c, d)
+    p = _data(b, c * k, d, seed=1)[2]  # [C·K, D], class c's centres at rows cK … cK+K−1
+    loss = lambda x, y, p: soft_triple(x, y, p, centers_per_class=k)
+    ref = pml_losses.SoftTripleLoss(
+        c, d, centers_per_class=k, weight_reg_weight=0.2,
+        weight_regularizer=pml_regularizers.SparseCentersRegularizer(c, k))
+    with torch.no_grad():
+        ref.fc.copy_(torch.tensor(p.T))  # pml stores the centres as [D, C·K]
+    return _with_check(_jax_value_and_grad(loss)(x, y, p), _torch_step(ref, x, y, ref.fc))
+
+
 MEMVIR = dict(num_steps=45, step_gap=10, batch_size=128, num_classes=98, dim=512)
 
 
@@ -368,6 +384,7 @@ ROWS = [
     ("nca_ps", "Proxy-NCA + PS          B=128 C=98", lambda: row_proxy_nca(True), 20),
     ("pa98", "Proxy-Anchor            B=180 C=98", lambda: row_proxy_anchor(98), 20),
     ("pa_sop", "Proxy-Anchor            B=180 C=11318", lambda: row_proxy_anchor(11318), 3),
+    ("st", "SoftTriple K=10         B=32 C=98", row_soft_triple, 20),
     ("memvir", None, row_memvir, 2),
 ]
 

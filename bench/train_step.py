@@ -3,9 +3,9 @@
 Both sides: ResNet-50 (BatchNorm frozen, as the seeds train) → GAP → linear 512 → Norm-SoftMax
 (scale 23, 98 classes, proxies [98, 512]), Adam with three parameter groups (backbone and
 embedding at 1e-4, proxies at 1e-2, eps 0.01, weight decay 1e-4): the PS / MemVir recipe.
-proxy_jax runs ``train.train_step`` through ``train.parallelize`` (jit over a one-device
-mesh); PyTorch runs torchvision's ``resnet50`` with a transcription of the loss and
-``torch.optim.Adam``. Inputs are random (the input pipeline is benchmarked elsewhere).
+proxy_jax runs the proxy method's step (``proxy_jax.methods.proxy``) through
+``parallel.parallelize`` (jit over a one-device mesh); PyTorch runs torchvision's
+``resnet50`` with a transcription of the loss and ``torch.optim.Adam``. Inputs are random (the input pipeline is benchmarked elsewhere).
 
 Method: the two implementations alternate in blocks (``--steps`` steps each); per block the
 median step time is kept unless the machine was busy, i.e. the process got less than
@@ -49,26 +49,22 @@ def _jax_step(args):
     import jax
     import numpy as np
 
-    from proxy_jax import config_utils, objective as objective_lib, train
+    from proxy_jax import config_utils, methods, parallel
 
     config = config_utils.base_config()
     config.data.dataset, config.data.root = "folder", "-"
     config.model.backbone, config.model.embedding_dim, config.model.pooling = "resnet50", 512, "gap"
     config.model.dtype = args.dtype
     config.data.input_size = config.data.resize = args.size
+    config.data.batch_size = args.batch
     config.num_devices = 1
-    mesh = train.make_mesh(1)
-    model = train.create_model(config)
-    objective = objective_lib.make_objective(config, num_classes=98, global_batch_size=args.batch)
-    state, tx = train.create_train_state(
-        config, model, objective,
-        lambda params, _: train.make_optimizer(config, train.param_labels(params),
-                                               steps_per_epoch=100), num_classes=98)
-    state = train.replicate(state, mesh)
-    step = train.parallelize(train.train_step, mesh, model=model, tx=tx, objective=objective,
-                             steps_per_epoch=100, freeze_bn=True)
+    mesh = parallel.make_mesh(1)
+    model = methods.create_model(config)
+    plan = methods.get_method("proxy").setup(config, model, num_classes=98, steps_per_epoch=100)
+    state = parallel.replicate(plan.state, mesh)
+    step = parallel.parallelize(plan.step_fn, mesh)
     rng = np.random.default_rng(0)
-    batch = train.shard_batch({
+    batch = parallel.shard_batch({
         "image": rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32),
         "label": rng.integers(0, 98, args.batch).astype(np.int32)}, mesh)
     holder = {"state": state}

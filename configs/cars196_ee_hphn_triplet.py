@@ -13,11 +13,11 @@ Batches hold same-class pairs at (2i, 2i+1) (32 instances per class); each pair 
 l2-normalized inner points. Published (README): best Recall@1 74.5 (71.6 in the paper).
 """
 
-from proxy_jax import config_utils
+from configs import cars196_hphn_triplet
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cars196_hphn_triplet").get_config()
+    config = cars196_hphn_triplet.get_config()
     config.name = "cars196_ee_hphn_triplet"
     config.regularizer.name = "ee"
     config.regularizer.ee_num_inner = 2

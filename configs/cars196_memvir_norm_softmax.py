@@ -19,11 +19,11 @@ the fan (proxy_init_fan='classes'). The embedding is l2-normalized before the lo
 Published: Recall@1 86.11 ± 0.19 (5 runs).
 """
 
-from proxy_jax import config_utils
+from configs import cars196_norm_softmax
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cars196_norm_softmax").get_config()
+    config = cars196_norm_softmax.get_config()
     config.name = "cars196_memvir_norm_softmax"
     config.num_epochs = 2000
     config.optimizer.decay_step = 2000

@@ -16,11 +16,11 @@ fan is D: proxy_init='kaiming_normal', proxy_init_fan='dim' (its --init_type def
 Published: Recall@1 86.19 ± 0.39 (5 runs).
 """
 
-from proxy_jax import config_utils
+from configs import cars196_memvir_norm_softmax
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cars196_memvir_norm_softmax").get_config()
+    config = cars196_memvir_norm_softmax.get_config()
     config.name = "cars196_memvir_proxy_nca"
     config.loss.name = "proxy_nca"
     config.loss.scale = 12.0

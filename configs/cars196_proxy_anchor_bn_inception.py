@@ -10,11 +10,11 @@ Everything else as cub200_proxy_anchor_bn_inception. Published (README): Recall@
 (R@2 91.9, R@4 95.0, R@8 97.0).
 """
 
-from proxy_jax import config_utils
+from configs import cub200_proxy_anchor_bn_inception
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cub200_proxy_anchor_bn_inception").get_config()
+    config = cub200_proxy_anchor_bn_inception.get_config()
     config.name = "cars196_proxy_anchor_bn_inception"
     config.data.dataset = "cars196"
     config.data.root = "./data/cars196"

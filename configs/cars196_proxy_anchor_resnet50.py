@@ -9,11 +9,11 @@ Seed command (tjddus9597/Proxy-Anchor-CVPR2020 README, Cars-196, ResNet-50)::
 Published (README): Recall@1 87.7 (R@2 92.7, R@4 95.5, R@8 97.3).
 """
 
-from proxy_jax import config_utils
+from configs import cars196_proxy_anchor_bn_inception
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cars196_proxy_anchor_bn_inception").get_config()
+    config = cars196_proxy_anchor_bn_inception.get_config()
     config.name = "cars196_proxy_anchor_resnet50"
     config.model.backbone = "resnet50"
     config.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50

@@ -13,11 +13,11 @@ All other settings as cars196_norm_softmax. Published: Recall@1 83.28 ± 0.36 (8
 MemVir README reports 83.49 ± 0.29 over 5).
 """
 
-from proxy_jax import config_utils
+from configs import cars196_norm_softmax
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cars196_norm_softmax").get_config()
+    config = cars196_norm_softmax.get_config()
     config.name = "cars196_proxy_nca"
     config.loss.name = "proxy_nca"
     config.loss.scale = 12.0

@@ -14,11 +14,11 @@ Every batch is reordered so that neighbouring labels differ (as the official loo
 before the synthesis. Published: Recall@1 84.25 ± 0.31 (8 runs).
 """
 
-from proxy_jax import config_utils
+from configs import cars196_norm_softmax
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cars196_norm_softmax").get_config()
+    config = cars196_norm_softmax.get_config()
     config.name = "cars196_ps_norm_softmax"
     config.regularizer.name = "ps"
     config.regularizer.ps_alpha = 0.4

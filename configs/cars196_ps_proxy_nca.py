@@ -13,11 +13,11 @@ Seed command (navervision/proxy-synthesis README, "PS + Proxy-NCA")::
 Published: Recall@1 84.21 ± 0.21 (8 runs).
 """
 
-from proxy_jax import config_utils
+from configs import cars196_proxy_nca
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cars196_proxy_nca").get_config()
+    config = cars196_proxy_nca.get_config()
     config.name = "cars196_ps_proxy_nca"
     config.regularizer.name = "ps"
     config.regularizer.ps_alpha = 0.4

@@ -10,11 +10,11 @@ Everything else as cub200_proxy_anchor_bn_inception (ResNet-50 takes RGB ImageNe
 input). Published (README): Recall@1 69.9 (R@2 79.6, R@4 86.6, R@8 91.4).
 """
 
-from proxy_jax import config_utils
+from configs import cub200_proxy_anchor_bn_inception
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cub200_proxy_anchor_bn_inception").get_config()
+    config = cub200_proxy_anchor_bn_inception.get_config()
     config.name = "cub200_proxy_anchor_resnet50"
     config.model.backbone = "resnet50"
     config.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50

@@ -6,7 +6,7 @@ Seed command (Noahsark/DADA README, with the Cars196 config)::
     --config ./configs/cars.yaml --gpu 0
 
 ``configs/cars.yaml`` on top of the ``parameters.py`` defaults
-(``proxy_jax.dada_train.base_config``): n_epochs 60, fd2_bn, d_dis_ratio 0.01, decay 1e-4,
+(``configs/dada_base.py``): n_epochs 60, fd2_bn, d_dis_ratio 0.01, decay 1e-4,
 lr 1.2e-4, lr_reduce_step 10 (rate 0.5), mix_alpha 2, mix_beta 1, oproxy_ratio 0.0075,
 warmup 5 (backbone frozen for 5 epochs); batch 90, 2 images per class; evaluation
 Recall@{1,2,4}, F1, MAP@R. Architecture ``resnet50_frozen_layernorm_double``.
@@ -16,11 +16,11 @@ proxy_jax's train transform is the base RandomResizedCrop + flip.
 Published: the official README publishes no number (the paper's tables are not restated).
 """
 
-from proxy_jax import dada_train
+from configs import dada_base
 
 
 def get_config():
-    config = dada_train.base_config()
+    config = dada_base.get_config()
     config.name = "dada_cars196"
     config.num_epochs = 60
     config.data.dataset = "cars196"

@@ -6,7 +6,7 @@ Seed command (Noahsark/DADA README)::
     --config ./configs/cub200.yaml --gpu 0
 
 ``configs/cub200.yaml`` on top of the ``parameters.py`` defaults
-(``proxy_jax.dada_train.base_config``): pos_class_mix, batch_size 90, n_epochs 60 (the
+(``configs/dada_base.py``): pos_class_mix, batch_size 90, n_epochs 60 (the
 file sets 80, then 60; the later key wins), lr 1.2e-4, fd2_bn, fc2_bn, d_dis_ratio 0.005,
 decay 1e-4, dis_decay 4e-4, loss_oproxy_pos_alpha 40, loss_oproxy_neg_alpha 100,
 lr_reduce_step 4, lr_reduce_rate 0.45, mix_alpha 3, mix_beta 0.5, oproxy_ratio 0.0075;
@@ -16,11 +16,11 @@ evaluation Recall@{1,2,4}, F1, MAP@R. Architecture ``resnet50_frozen_layernorm_d
 Published: the official README publishes no number (the paper's tables are not restated).
 """
 
-from proxy_jax import dada_train
+from configs import dada_base
 
 
 def get_config():
-    config = dada_train.base_config()
+    config = dada_base.get_config()
     config.name = "dada_cub200"
     config.num_epochs = 60
     config.data.dataset = "cub200"

@@ -6,7 +6,7 @@ Seed command (Noahsark/DADA README, with the In-shop config)::
     --config ./configs/inshop.yaml --gpu 0
 
 ``configs/inshop.yaml`` on top of the ``parameters.py`` defaults
-(``proxy_jax.dada_train.base_config``): n_epochs 200, batch_size 180, fd2_bn, fc2_bn,
+(``configs/dada_base.py``): n_epochs 200, batch_size 180, fd2_bn, fc2_bn,
 pos_class_mix, d_dis_ratio 0.01, decay 1e-4, dis_decay 5e-5, fc_fc2_dim 4096,
 fd_fc1_dim 512, loss_oproxy_neg_alpha 200, loss_oproxy_pos_alpha 40, lr 1.2e-4,
 lr_reduce_rate 0.25, lr_reduce_step 40, oproxy_ratio 0.0075, mix_alpha 3, mix_beta 3,
@@ -16,11 +16,11 @@ against the gallery, Recall@{1,10,20,30,40}.
 Published: the official README publishes no number (the paper's tables are not restated).
 """
 
-from proxy_jax import dada_train
+from configs import dada_base
 
 
 def get_config():
-    config = dada_train.base_config()
+    config = dada_base.get_config()
     config.name = "dada_inshop"
     config.num_epochs = 200
     config.data.dataset = "inshop"

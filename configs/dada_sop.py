@@ -6,7 +6,7 @@ Seed command (Noahsark/DADA README, with the SOP config)::
     --config ./configs/sop.yaml --gpu 0
 
 ``configs/sop.yaml`` on top of the ``parameters.py`` defaults
-(``proxy_jax.dada_train.base_config``): n_epochs 200, batch_size 180, d_dis_ratio 0.05,
+(``configs/dada_base.py``): n_epochs 200, batch_size 180, d_dis_ratio 0.05,
 decay 5e-5, lr 1.2e-4, dis_decay 1e-4, fc_fc1_dim 1024, fc_fc2_dim 8192, fd_fc1_dim 128,
 loss_oproxy_neg_alpha 200, loss_oproxy_pos_alpha 100, scheduler 'multi' (milestones
 [20, 45, 70], the default) with lr_reduce_rate 0.1, mix_alpha 2, mix_beta 5,
@@ -16,11 +16,11 @@ oproxy_ratio 0.03, pos_class_mix, fd2_bn; architecture ``resnet50_layernorm_doub
 Published: the official README publishes no number (the paper's tables are not restated).
 """
 
-from proxy_jax import dada_train
+from configs import dada_base
 
 
 def get_config():
-    config = dada_train.base_config()
+    config = dada_base.get_config()
     config.name = "dada_sop"
     config.num_epochs = 200
     config.data.dataset = "sop"
@@ -33,7 +33,7 @@ def get_config():
     config.optimizer.backbone_lr = 1.2e-4
     config.optimizer.embedding_lr = 1.2e-4
     config.optimizer.weight_decay = 5e-5
-    config.optimizer.schedule = "multistep"
+    config.optimizer.schedule = "multistep_lr"
     config.optimizer.decay_epochs = (20, 45, 70)
     config.optimizer.decay_rate = 0.1
     config.optimizer.decay_step = 20  # lr_reduce_step: unused by 'multi'

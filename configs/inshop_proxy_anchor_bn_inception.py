@@ -10,11 +10,11 @@ Query/gallery retrieval (14,218 queries, 12,612 gallery images), Recall@{1,10,20
 Published (README): Recall@1 91.9 (R@10 98.1, R@20 98.7, R@30 99.0, R@40 99.1).
 """
 
-from proxy_jax import config_utils
+from configs import sop_proxy_anchor_bn_inception
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "sop_proxy_anchor_bn_inception").get_config()
+    config = sop_proxy_anchor_bn_inception.get_config()
     config.name = "inshop_proxy_anchor_bn_inception"
     config.data.dataset = "inshop"
     config.data.root = "./data/Inshop_Clothes"

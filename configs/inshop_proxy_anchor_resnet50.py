@@ -11,11 +11,11 @@ changed::
 Published: none in the official README.
 """
 
-from proxy_jax import config_utils
+from configs import inshop_proxy_anchor_bn_inception
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "inshop_proxy_anchor_bn_inception").get_config()
+    config = inshop_proxy_anchor_bn_inception.get_config()
     config.name = "inshop_proxy_anchor_resnet50"
     config.model.backbone = "resnet50"
     config.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50

@@ -11,11 +11,11 @@ statistics updated). Proxies at 100 × 6e-4. Evaluation Recall@{1,10,100,1000}.
 Published (README): Recall@1 79.2 (R@10 90.7, R@100 96.2, R@1000 98.6).
 """
 
-from proxy_jax import config_utils
+from configs import cub200_proxy_anchor_bn_inception
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "cub200_proxy_anchor_bn_inception").get_config()
+    config = cub200_proxy_anchor_bn_inception.get_config()
     config.name = "sop_proxy_anchor_bn_inception"
     config.data.dataset = "sop"
     config.data.root = "./data/Stanford_Online_Products"

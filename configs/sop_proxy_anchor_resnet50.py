@@ -10,11 +10,11 @@ number. This config is the SOP BN-Inception command with only the model changed:
 Published: none in the official README.
 """
 
-from proxy_jax import config_utils
+from configs import sop_proxy_anchor_bn_inception
 
 
 def get_config():
-    config = config_utils.load_sibling(__file__, "sop_proxy_anchor_bn_inception").get_config()
+    config = sop_proxy_anchor_bn_inception.get_config()
     config.name = "sop_proxy_anchor_resnet50"
     config.model.backbone = "resnet50"
     config.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50

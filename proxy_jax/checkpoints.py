@@ -78,11 +78,13 @@ def checksum(state) -> str:
 
 
 def shape_signature(state) -> dict:
-    """{'params/backbone/conv1/kernel': [3, 3, 3, 32], …} of the params, statistics, memory."""
+    """{'params/backbone/conv1/kernel': [3, 3, 3, 32], …} of the params, statistics and the
+    method's state (``extra``; ``memory`` in a format-1 state)."""
+    carried = "extra" if hasattr(state, "extra") else "memory"
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(
             {"params": state.params, "batch_stats": state.batch_stats,
-             "memory": state.memory})[0]:
+             carried: getattr(state, carried)})[0]:
         flat[jax.tree_util.keystr(path, simple=True, separator="/")] = list(np.shape(leaf))
     return flat
 
@@ -200,14 +202,16 @@ class Checkpointer:
         return state
 
     def restore(self, target, *, prefer_best: bool = False,
-                check: Optional[Callable[[dict], None]] = None) -> Restored:
+                layout: Optional[Callable[[dict], tuple[Any, Callable]]] = None) -> Restored:
         """The newest intact checkpoint, restored into ``target``'s structure and shardings.
 
         Args:
           target: a train state of the right structure (e.g. the fresh one of the config).
           prefer_best: look in ``best/`` first (evaluation), then ``latest/``.
-          check: called with each candidate's record before its arrays are read; what it
-            raises (e.g. :func:`check_compatible`) propagates unchanged.
+          layout: called with each candidate's record before its arrays are read; returns
+            the structure to read them into and a function from it to the returned state
+            (an older layout, converted). What it raises (e.g. :func:`check_compatible`)
+            propagates unchanged: an incompatible checkpoint is no damaged one.
 
         Raises:
           CheckpointError: no checkpoint, or none intact (the message names the folder).
@@ -221,13 +225,14 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
                 damaged.append((kind, step, path, _one_line(error)))
                 continue
-            if check is not None:
-                check(record)  # an incompatible checkpoint is an error of its own, not damage
+            read_into, convert = (target, None) if layout is None else layout(record)
             try:
-                state = self._read_state(kind, step, target, record)
+                state = self._read_state(kind, step, read_into, record)
             except Exception as error:  # noqa: BLE001
                 damaged.append((kind, step, path, _one_line(error)))
                 continue
+            if convert is not None:
+                state = convert(state)
             self._set_aside(damaged)
             for _, _, bad, reason in damaged:
                 logging.warning("checkpoint %s is damaged (%s); moved to %s/damaged; using %s",

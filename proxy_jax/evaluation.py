@@ -46,6 +46,7 @@ __all__ = [
     "clustering_metrics",
     "find_neighbours",
     "metrics_from_neighbours",
+    "nearest_neighbours",
     "retrieval_metrics",
 ]
 
@@ -155,6 +156,30 @@ def find_neighbours(
         query, query_labels, gallery, gallery_labels_, all_vs_all=all_vs_all,
         max_k=max_k, method=method, block_size=block_size,
     )
+
+
+def nearest_neighbours(queries: np.ndarray, gallery: np.ndarray, *, k: int,
+                     query_indices: np.ndarray | None = None) -> np.ndarray:
+    """Indices [Q, k] of the k most similar gallery rows by inner product, for a few queries.
+
+    The neighbours the metrics rank, by the same rules, for showing them (the retrieval
+    picture): an exact search in float64, without the metrics' memory bounds.
+
+    Args:
+      queries: [Q, D] float, l2-normalized.
+      gallery: [N, D] float, l2-normalized.
+      k: neighbours per query (k <= N, or N − 1 when the query is in the gallery).
+      query_indices: [Q] int, the gallery row of each query when queries come from the
+        gallery itself (all-vs-all retrieval): that row is excluded, as in the metrics.
+
+    Ties are broken by the lower gallery index (a stable sort), so the picture is
+    deterministic.
+    """
+    sims = np.asarray(queries, np.float64) @ np.asarray(gallery, np.float64).T
+    if query_indices is not None:
+        sims[np.arange(len(sims)), query_indices] = -np.inf
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return order[:, :k]
 
 
 def metrics_from_neighbours(neighbours: Neighbours, *, ks: Sequence[int]) -> dict[str, float]:

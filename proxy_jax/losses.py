@@ -8,11 +8,18 @@ are safe for bfloat16 embeddings; the result is a float32 scalar.
 Masks make the losses usable with fixed shapes (MemVir's growing memory, padded batches):
 
 * ``proxy_mask`` ``[C]`` bool: a masked-out proxy appears in no denominator and in no
-  average; it is as if that row of ``proxies`` did not exist.
+  average; it is as if that row of ``proxies`` did not exist. (:func:`soft_triple` has K
+  rows per class; its mask has one entry per class and removes all K.)
 * ``sample_mask`` ``[B]`` bool: a masked-out sample contributes nothing, and averages run
   over the valid samples only.
 
 So a call padded with masked rows equals the unpadded call.
+
+The logits and per-proxy terms of the losses are public helpers
+(:func:`norm_softmax_logits`, :func:`proxy_nca_logits`, :func:`proxy_anchor_pos_terms`,
+:func:`proxy_anchor_neg_terms`, on rows normalized by :func:`normalized_pair`), so that the
+regularizers that fuse or vary a loss (MemVir's fused path, DADA's proxy loss) compute
+them from the same definitions instead of restating them.
 
 Shape and dtype errors are raised as ``ValueError`` at trace time. Label *values* cannot
 be checked inside ``jit``: labels must lie in ``[0, C)``, which the data layer validates
@@ -31,12 +38,18 @@ Array = jax.Array
 
 __all__ = [
     "l2_normalize",
+    "normalized_pair",
     "check_inputs",
     "check_labels",
     "log1p_sum_exp",
+    "norm_softmax_logits",
+    "proxy_nca_logits",
+    "proxy_anchor_pos_terms",
+    "proxy_anchor_neg_terms",
     "norm_softmax",
     "proxy_nca",
     "proxy_anchor",
+    "soft_triple",
     "hphn_triplet",
 ]
 
@@ -61,8 +74,12 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
     return x / jnp.maximum(norm, eps)
 
 
-def _normalized_pair(embeddings: Array, proxies: Array) -> tuple[Array, Array]:
-    """Row-normalized embeddings ``[B, D]`` and proxies ``[C, D]`` in the compute dtype."""
+def normalized_pair(embeddings: Array, proxies: Array) -> tuple[Array, Array]:
+    """Row-normalized embeddings ``[B, D]`` and proxies ``[C, D]`` in the compute dtype.
+
+    The compute dtype is float32, or wider if an input is wider (float64 under
+    ``jax_enable_x64``); bfloat16 inputs are normalized in float32.
+    """
     dtype = _compute_dtype(embeddings, proxies)
     return l2_normalize(embeddings.astype(dtype)), l2_normalize(proxies.astype(dtype))
 
@@ -151,6 +168,73 @@ def log1p_sum_exp(logits: Array, mask: Array, axis: int) -> Array:
     return shift + jnp.log(total + jnp.exp(-shift))
 
 
+# --------------------------------------------------------------------------- logits
+
+
+def norm_softmax_logits(x_hat: Array, p_hat: Array, *, scale: float) -> Array:
+    """Norm-SoftMax logits ``scale · x̂ p̂ᵀ`` of normalized rows.
+
+    Args:
+      x_hat: ``[R, D]`` l2-normalized embeddings (:func:`normalized_pair`).
+      p_hat: ``[K, D]`` l2-normalized proxies.
+      scale: the logit scale s.
+
+    Returns:
+      ``[R, K]`` logits in the dtype of the inputs.
+    """
+    return scale * (x_hat @ p_hat.T)
+
+
+def proxy_nca_logits(x_hat: Array, p_hat: Array, *, scale: float) -> Array:
+    """Proxy-NCA logits ``−scale · ||x̂ − p̂||²`` of normalized rows.
+
+    The squared distance is expanded as ``||x̂||² + ||p̂||² − 2 x̂·p̂`` and clipped at 0 (it
+    can round below 0 for a sample on its proxy).
+
+    Args:
+      x_hat: ``[R, D]`` l2-normalized embeddings (:func:`normalized_pair`).
+      p_hat: ``[K, D]`` l2-normalized proxies.
+      scale: the distance scale s.
+
+    Returns:
+      ``[R, K]`` logits in the dtype of the inputs.
+    """
+    sq_norms = (
+        jnp.sum(x_hat * x_hat, axis=1, keepdims=True) + jnp.sum(p_hat * p_hat, axis=1)[None, :]
+    )
+    return -scale * jnp.maximum(sq_norms - 2.0 * (x_hat @ p_hat.T), 0.0)
+
+
+def proxy_anchor_pos_terms(cos: Array, mask: Array, *, alpha: float, margin: float) -> Array:
+    """Proxy-Anchor's pull term of each column k: ``log(1 + Σ_{i: mask_ik} exp(−α (cos_ik − δ)))``.
+
+    Args:
+      cos: ``[N, K]`` cosine similarities of N samples to K (proxy) columns.
+      mask: ``[N, K]`` bool, the positives of each column.
+      alpha: α.
+      margin: δ.
+
+    Returns:
+      ``[K]``; 0 for a column without positives.
+    """
+    return log1p_sum_exp(-alpha * (cos - margin), mask, axis=0)
+
+
+def proxy_anchor_neg_terms(cos: Array, mask: Array, *, alpha: float, margin: float) -> Array:
+    """Proxy-Anchor's push term of each column k: ``log(1 + Σ_{i: mask_ik} exp(α (cos_ik + δ)))``.
+
+    Args:
+      cos: ``[N, K]`` cosine similarities of N samples to K proxies.
+      mask: ``[N, K]`` bool, the negatives of each proxy.
+      alpha: α.
+      margin: δ.
+
+    Returns:
+      ``[K]``; 0 for a proxy without negatives.
+    """
+    return log1p_sum_exp(alpha * (cos + margin), mask, axis=0)
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -186,10 +270,9 @@ def norm_softmax(
       >>> loss = norm_softmax(jnp.ones((4, 8)), jnp.arange(4), jnp.eye(6, 8), scale=23.0)
     """
     check_inputs(embeddings, labels, proxies, proxy_mask=proxy_mask, sample_mask=sample_mask)
-    x, p = _normalized_pair(embeddings, proxies)
-    logits = scale * (x @ p.T)
+    x, p = normalized_pair(embeddings, proxies)
     per_sample = _softmax_cross_entropy(
-        logits, labels, _as_mask(proxy_mask, proxies.shape[0])
+        norm_softmax_logits(x, p, scale=scale), labels, _as_mask(proxy_mask, proxies.shape[0])
     )
     return _masked_mean(per_sample, _as_mask(sample_mask, embeddings.shape[0]))
 
@@ -222,15 +305,9 @@ def proxy_nca(
       The float32 scalar loss.
     """
     check_inputs(embeddings, labels, proxies, proxy_mask=proxy_mask, sample_mask=sample_mask)
-    x, p = _normalized_pair(embeddings, proxies)
-    sq_dist = (
-        jnp.sum(x * x, axis=1, keepdims=True)
-        + jnp.sum(p * p, axis=1)[None, :]
-        - 2.0 * (x @ p.T)
-    )
-    sq_dist = jnp.maximum(sq_dist, 0.0)
+    x, p = normalized_pair(embeddings, proxies)
     per_sample = _softmax_cross_entropy(
-        -scale * sq_dist, labels, _as_mask(proxy_mask, proxies.shape[0])
+        proxy_nca_logits(x, p, scale=scale), labels, _as_mask(proxy_mask, proxies.shape[0])
     )
     return _masked_mean(per_sample, _as_mask(sample_mask, embeddings.shape[0]))
 
@@ -274,7 +351,7 @@ def proxy_anchor(
     """
     check_inputs(embeddings, labels, proxies, proxy_mask=proxy_mask, sample_mask=sample_mask)
     num_classes = proxies.shape[0]
-    x, p = _normalized_pair(embeddings, proxies)
+    x, p = normalized_pair(embeddings, proxies)
     cos = x @ p.T  # [B, C]
     pmask = _as_mask(proxy_mask, num_classes)
     smask = _as_mask(sample_mask, embeddings.shape[0])
@@ -284,10 +361,135 @@ def proxy_anchor(
     pos_mask = one_hot & valid
     neg_mask = ~one_hot & valid
 
-    pos_per_proxy = log1p_sum_exp(-alpha * (cos - margin), pos_mask, axis=0)  # [C]
-    neg_per_proxy = log1p_sum_exp(alpha * (cos + margin), neg_mask, axis=0)  # [C]
+    pos_per_proxy = proxy_anchor_pos_terms(cos, pos_mask, alpha=alpha, margin=margin)  # [C]
+    neg_per_proxy = proxy_anchor_neg_terms(cos, neg_mask, alpha=alpha, margin=margin)  # [C]
     with_pos = jnp.any(pos_mask, axis=0)
     return _masked_mean(pos_per_proxy, with_pos) + _masked_mean(neg_per_proxy, pmask)
+
+
+def _check_centers(proxies, centers_per_class, proxy_mask) -> int:
+    """Validates SoftTriple's centre layout; returns the number of classes C."""
+    if isinstance(centers_per_class, bool) or not isinstance(centers_per_class, int) or (
+        centers_per_class < 1
+    ):
+        raise ValueError(f"centers_per_class must be an int >= 1, got {centers_per_class!r}")
+    rows = jnp.shape(proxies)[0]
+    if rows % centers_per_class:
+        raise ValueError(
+            f"proxies has {rows} rows, which is not a multiple of centers_per_class="
+            f"{centers_per_class} (expected [num_classes * centers_per_class, dim])"
+        )
+    num_classes = rows // centers_per_class
+    if proxy_mask is not None and jnp.shape(proxy_mask) != (num_classes,):
+        raise ValueError(
+            f"proxy_mask must have shape ({num_classes},), one entry per class "
+            f"({rows} rows / centers_per_class={centers_per_class}), got {jnp.shape(proxy_mask)}"
+        )
+    return num_classes
+
+
+def _soft_triple_class_similarity(x: Array, centers: Array, k: int, gamma: float) -> Array:
+    """``S'_ic = Σ_k softmax_k(x̂_i·ŵ_ck / γ) x̂_i·ŵ_ck``: ``[B, D]``, ``[C·K, D]`` → ``[B, C]``.
+
+    Rows ``c·K … c·K+K−1`` of ``centers`` are class c's (pml's ``view(-1, C, K)``).
+    """
+    sim = (x @ centers.T).reshape(x.shape[0], -1, k)  # [B, C, K]
+    # Multiplying by 1/γ (not dividing by γ) is pml's rule, so the rounding matches.
+    prob = jax.nn.softmax(sim * (1.0 / gamma), axis=2)
+    return jnp.sum(prob * sim, axis=2)
+
+
+def _sparse_centers_regularizer(centers: Array, k: int, class_mask: Array) -> Array:
+    """SoftTriple's centre regularizer over the valid classes; 0 when K = 1.
+
+    ``Σ_c Σ_{k<k'} sqrt(2 + tiny − min(2 ŵ_ck·ŵ_ck', 2)) / (C·K·(K−1))``, pml's
+    ``SparseCentersRegularizer`` (C counts the valid classes). Only the C diagonal
+    ``[K, K]`` blocks of the centre similarities are formed.
+    """
+    if k == 1:
+        return jnp.zeros((), centers.dtype)
+    blocks = centers.reshape(-1, k, centers.shape[1])  # [C, K, D]
+    sim = jnp.einsum("ckd,cjd->ckj", blocks, blocks)  # [C, K, K]
+    pairs = jnp.triu(jnp.ones((k, k), bool), k=1)[None] & class_mask[:, None, None]
+    # tiny (float32: 1.2e-38) rounds away against 2, as in pml; the official code adds 1e-5.
+    gap = 2.0 + jnp.finfo(centers.dtype).tiny - jnp.minimum(2.0 * sim, 2.0)
+    # The diagonal and masked entries take sqrt(1), so that no 0 · inf gradient appears.
+    dist = jnp.sqrt(jnp.where(pairs, gap, 1.0))
+    divisor = jnp.maximum(jnp.sum(class_mask), 1) * (k * (k - 1))
+    return jnp.sum(jnp.where(pairs, dist, 0.0)) / divisor.astype(centers.dtype)
+
+
+def soft_triple(
+    embeddings: Array,
+    labels: Array,
+    proxies: Array,
+    *,
+    centers_per_class: int,
+    la: float = 20.0,
+    gamma: float = 0.1,
+    tau: float = 0.2,
+    margin: float = 0.01,
+    proxy_mask: Optional[Array] = None,
+    sample_mask: Optional[Array] = None,
+) -> Array:
+    """SoftTriple loss (Qian et al., ICCV 2019): a softmax over classes with K centres each.
+
+    With x̂ the normalized embeddings and ŵ_ck the normalized centre k of class c::
+
+      S'_ic = Σ_k softmax_k(x̂_i·ŵ_ck / γ) · x̂_i·ŵ_ck                       [B, C]
+      ℓ_i   = CE(λ (S'_i − δ·onehot(y_i)), y_i)
+      reg   = Σ_c Σ_{k<k'} sqrt(2 + tiny − min(2 ŵ_ck·ŵ_ck', 2)) / (C·K·(K−1))
+      loss  = mean_i ℓ_i + τ · reg
+
+    Row layout: ``proxies`` is ``[C·K, D]`` and rows ``c·K, …, c·K + K − 1`` are the K
+    centres of class c (class-major). That is pytorch-metric-learning's parameter
+    transposed: ``proxies = loss_func.fc.T`` (pml stores ``fc`` as ``[D, C·K]`` and groups
+    its columns with ``view(-1, C, K)``). The loss equals
+    ``SoftTripleLoss(C, D, centers_per_class=K, la=λ, gamma=γ, margin=δ,
+    weight_regularizer=SparseCentersRegularizer(C, K), weight_reg_weight=τ)``, and with
+    ``tau=0`` (or K = 1) pml's ``SoftTripleLoss`` without a regularizer (its default). The
+    official code (idstcv/SoftTriple ``loss/SoftTriple.py``) differs in two details: it
+    adds 1e-5 instead of tiny under the square root (tiny rounds away in float32, so pml's
+    regularizer is ``sqrt(2 − 2 min(ŵ·ŵ', 1))`` and its gradient is infinite for two
+    identical centres), and it does not normalize the embeddings (its model does, so the
+    losses agree on normalized embeddings).
+
+    Args:
+      embeddings: ``[B, D]`` float embeddings (normalized here).
+      labels: ``[B]`` int class indices in ``[0, C)``.
+      proxies: ``[C·K, D]`` float centres (normalized here), class-major as above.
+      centers_per_class: K.
+      la: λ, the logit scale (20).
+      gamma: γ, the temperature of the softmax over a class' centres (0.1).
+      tau: τ, the weight of the centre regularizer (0.2, the paper's setting).
+      margin: δ, subtracted from the label's similarity (0.01).
+      proxy_mask: optional ``[C]`` bool, one entry per *class*: False removes the class'
+        K centres from every softmax and its centre pairs from the regularizer, whose
+        divisor then counts the valid classes only. pml has no such mask.
+      sample_mask: optional ``[B]`` bool; False removes a sample from the mean, which runs
+        over the valid samples. (pml's miner weights scale a row but still divide by B.)
+
+    Returns:
+      The float32 scalar loss.
+
+    Example:
+      >>> loss = soft_triple(jnp.ones((4, 8)), jnp.arange(4), jnp.eye(12, 8),
+      ...                    centers_per_class=2)
+    """
+    check_inputs(embeddings, labels, proxies, sample_mask=sample_mask)
+    k = centers_per_class
+    num_classes = _check_centers(proxies, k, proxy_mask)
+    x, centers = normalized_pair(embeddings, proxies)
+    cmask = _as_mask(proxy_mask, num_classes)
+
+    class_sim = _soft_triple_class_similarity(x, centers, k, gamma)  # [B, C]
+    is_label = labels[:, None] == jnp.arange(num_classes)[None, :]
+    logits = la * (class_sim - jnp.where(is_label, margin, 0.0).astype(class_sim.dtype))
+    per_sample = _softmax_cross_entropy(logits, labels, cmask)
+    loss = _masked_mean(per_sample, _as_mask(sample_mask, embeddings.shape[0]))
+    if isinstance(tau, (int, float)) and tau == 0:
+        return loss
+    return loss + tau * _sparse_centers_regularizer(centers, k, cmask)
 
 
 def _pairwise_euclidean(x: Array) -> Array:
@@ -332,7 +534,7 @@ def hphn_triplet(
     evenly among tied entries; tied copies are the same function of the inputs, so a
     duplicated hardest negative counts once. MXNet's min/max backward gives every tied entry
     the full gradient, so the official gradient counts it twice (tested in
-    ``tests/test_expansion.py``).
+    ``tests/regularizers/test_expansion.py``).
 
     Args:
       embeddings: ``[N, D]`` float embeddings, ``N = G · num_original`` when grouped.

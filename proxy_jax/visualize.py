@@ -11,33 +11,14 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["top_k_neighbours", "retrieval_grid", "save_retrieval_grid", "pca_2d",
+from proxy_jax import evaluation
+
+__all__ = ["retrieval_grid", "save_retrieval_grid", "pca_2d",
            "save_embedding_map"]
 
 _GREEN = (40, 170, 60)
 _RED = (220, 40, 40)
 _BLUE = (40, 90, 220)
-
-
-def top_k_neighbours(queries: np.ndarray, gallery: np.ndarray, *, k: int,
-                     query_indices: np.ndarray | None = None) -> np.ndarray:
-    """Indices [Q, k] of the k most similar gallery rows by inner product.
-
-    Args:
-      queries: [Q, D] float, l2-normalized.
-      gallery: [N, D] float, l2-normalized.
-      k: neighbours per query (k <= N, or N − 1 when the query is in the gallery).
-      query_indices: [Q] int, the gallery row of each query when queries come from the
-        gallery itself (all-vs-all retrieval): that row is excluded, as in the metrics.
-
-    Ties are broken by the lower gallery index (a stable sort), so the picture is
-    deterministic.
-    """
-    sims = np.asarray(queries, np.float64) @ np.asarray(gallery, np.float64).T
-    if query_indices is not None:
-        sims[np.arange(len(sims)), query_indices] = -np.inf
-    order = np.argsort(-sims, axis=1, kind="stable")
-    return order[:, :k]
 
 
 def _thumbnail(image: Image.Image, size: int, border: int, colour) -> Image.Image:
@@ -107,12 +88,12 @@ def save_retrieval_grid(path: str, embeddings: np.ndarray, labels: np.ndarray,
     if gallery_embeddings is None:
         gallery, gallery_y, load_g = embeddings, labels, load_image
         k = min(k, len(embeddings) - 1)
-        neighbours = top_k_neighbours(embeddings[picked], gallery, k=k, query_indices=picked)
+        neighbours = evaluation.nearest_neighbours(embeddings[picked], gallery, k=k, query_indices=picked)
     else:
         gallery, gallery_y = gallery_embeddings, np.asarray(gallery_labels)
         load_g = load_gallery_image
         k = min(k, len(gallery))
-        neighbours = top_k_neighbours(embeddings[picked], gallery, k=k)
+        neighbours = evaluation.nearest_neighbours(embeddings[picked], gallery, k=k)
     correct = gallery_y[neighbours] == labels[picked][:, None]
     grid = retrieval_grid([load_image(int(i)) for i in picked],
                           [[load_g(int(j)) for j in row] for row in neighbours], correct)

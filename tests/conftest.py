@@ -55,3 +55,30 @@ def tiny_root(tmp_path_factory):
     return embedded.ensure_embedded_dataset(
         str(tmp_path_factory.mktemp("tiny") / "data"), num_train_classes=4, num_test_classes=3,
         images_per_class=6, image_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``make(root, base="default", **changes)``: the config module ``configs/<base>.py`` with
+    its real loss, method, optimizers and schedule, shrunk to tiny_cnn (D = 8, no
+    pretrained file) on 16x16 images, batch 8, no pictures; ``changes`` are dotted fields
+    (``**{"loss.name": ...}``)."""
+    import importlib
+
+    def make(root, base="default", **changes):
+        c = importlib.import_module(f"configs.{base}").get_config()
+        c.data.dataset = "folder"
+        c.data.root = root
+        c.data.input_size = c.data.resize = 16
+        c.data.batch_size = 8
+        c.data.eval_batch_size = 16
+        c.data.num_workers = 0
+        c.model.backbone, c.model.pretrained = "tiny_cnn", ""
+        c.model.embedding_dim = 8
+        c.log_every_steps = 1
+        c.eval.nmi = False
+        c.eval.num_queries = 0
+        c.eval.map_points = 0
+        c.update_from_flattened_dict(changes)
+        return c
+    return make

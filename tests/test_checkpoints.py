@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from proxy_jax import checkpoints, train
-from test_train import tiny_config
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
@@ -30,7 +29,7 @@ def _stop_at(stop_step):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_root, tmp_path_factory):
+def runs(tiny_root, tmp_path_factory, tiny_config):
     """(config, metrics of the uninterrupted run, a workdir stopped at step 4)."""
     config = tiny_config(tiny_root, **CHANGES)
     root = tmp_path_factory.mktemp("checkpoints")

@@ -1,7 +1,7 @@
 """proxy_jax.convert and the weight files: key mapping, both BN-Inception formats, errors.
 
 The state_dicts are those of randomly initialised torchvision / pretrainedmodels models (the
-forward-pass parity of converted weights is tested in test_models.py).
+forward-pass parity of converted weights is tested in tests/models/test_models.py).
 """
 import importlib
 

@@ -172,10 +172,17 @@ def _brute_force(x, y, ks, gallery=None, gallery_labels=None):
         gallery, gallery_labels = x, y
     x, gallery = _unit(x), _unit(gallery)
     sims = x @ gallery.T
+    index = np.arange(len(gallery))
+    orders = [np.lexsort((index, -sims[q])) for q in range(len(x))]  # ties: lower index first
+    return _metrics_of_orders(orders, y, gallery_labels, ks, all_vs_all=all_vs_all)
+
+
+def _metrics_of_orders(orders, y, gallery_labels, ks, *, all_vs_all):
+    """The metrics dict of ``ev.retrieval_metrics`` from each query's full gallery order
+    (orders: N arrays [M]; all_vs_all drops query q from its own order), by per-query loops."""
     recall = {k: [] for k in ks}
     rps, aps = [], []
-    for q in range(len(x)):
-        order = np.lexsort((np.arange(len(gallery)), -sims[q]))  # ties: lower index first
+    for q, order in enumerate(orders):
         if all_vs_all:
             order = order[order != q]
         hit = gallery_labels[order] == y[q]
@@ -236,23 +243,9 @@ def _float64_rule(x, y, ks, gallery=None, gallery_labels=None, *, twins_first=Tr
     gaps = np.diff(np.sort(sims, axis=1), axis=1)
     assert gaps.min() > _float32_rounding(x.shape[1]), "different rows too close to rank"
     index = np.arange(len(gallery))
-    recall = {k: [] for k in ks}
-    rps, aps = [], []
-    for q in range(len(x)):
-        order = np.lexsort((index if twins_first else -index, -sims[q, row_of.ravel()]))
-        if all_vs_all:
-            order = order[order != q]
-        hit = gallery_labels[order] == y[q]
-        for k in ks:
-            recall[k].append(hit[:k].any())
-        r = int(hit.sum())
-        if r:
-            rps.append(hit[:r].mean())
-            aps.append(np.sum(np.cumsum(hit[:r]) / np.arange(1, r + 1) * hit[:r]) / r)
-    out = {f"recall@{k}": float(np.mean(v)) for k, v in recall.items()}
-    out["r_precision"] = float(np.mean(rps)) if rps else float("nan")
-    out["map@r"] = float(np.mean(aps)) if aps else float("nan")
-    return out
+    orders = [np.lexsort((index if twins_first else -index, -sims[q, row_of.ravel()]))
+              for q in range(len(x))]
+    return _metrics_of_orders(orders, y, gallery_labels, ks, all_vs_all=all_vs_all)
 
 
 def _with_duplicates(seed, n, d, distinct, classes):

@@ -2,9 +2,9 @@
 
 References:
 * pytorch-metric-learning (live, float32): ProxyAnchorLoss, ProxyNCALoss,
-  NormalizedSoftmaxLoss. Parameter mapping: pml ``proxies`` [C, D] are ours as they are;
-  NormalizedSoftmaxLoss stores ``W`` as [D, C] and uses ``temperature``: proxies = W.T,
-  scale = 1 / temperature.
+  NormalizedSoftmaxLoss, SoftTripleLoss. Parameter mapping: pml ``proxies`` [C, D] are ours
+  as they are; NormalizedSoftmaxLoss stores ``W`` as [D, C] and uses ``temperature``:
+  proxies = W.T, scale = 1 / temperature; SoftTripleLoss: see the SoftTriple section.
 * tests/fixtures/proxy_anchor_official.npz: the official ``Proxy_Anchor`` of
   tjddus9597/Proxy-Anchor-CVPR2020 (code/losses.py) run on CPU in float64 with ``.cuda()``
   patched out, on batches where some classes are absent (labels drawn from a subset).
@@ -271,3 +271,184 @@ def test_hphn_bad_input():
         losses.hphn_triplet(x, y, reduction="avg")
     with pytest.raises(ValueError, match="labels"):
         losses.hphn_triplet(x, y[:3])
+
+
+# ----------------------------------------------------------------- public logit helpers
+
+
+def test_logit_helpers_match_numpy():
+    with jax.enable_x64(True):
+        x, y, p = _batch(13, dtype=np.float64)
+        xh, ph = losses.normalized_pair(x, p)
+        cos = _np_normalize(x) @ _np_normalize(p).T
+        assert_rel_close(losses.norm_softmax_logits(xh, ph, scale=23.0), 23.0 * cos)
+        assert_rel_close(losses.proxy_nca_logits(xh, ph, scale=12.0), -12.0 * (2.0 - 2.0 * cos))
+        mask = y[:, None] == np.arange(p.shape[0])[None, :]
+        pos = np.log1p(np.sum(np.where(mask, np.exp(-32.0 * (cos - 0.1)), 0.0), axis=0))
+        neg = np.log1p(np.sum(np.where(~mask, np.exp(32.0 * (cos + 0.1)), 0.0), axis=0))
+        assert_rel_close(losses.proxy_anchor_pos_terms(cos, mask, alpha=32.0, margin=0.1), pos)
+        assert_rel_close(losses.proxy_anchor_neg_terms(cos, ~mask, alpha=32.0, margin=0.1), neg)
+
+
+# ----------------------------------------------------------------- SoftTriple
+#
+# Reference: pytorch-metric-learning's SoftTripleLoss (live, float32) with the paper's
+# centre regularizer, SparseCentersRegularizer(C, K) weighted by τ (pml refuses it for
+# K = 1, where ours is 0). Parameter mapping: pml ``fc`` is [D, C·K], columns grouped by
+# ``view(-1, C, K)``: proxies = fc.T, rows c·K … c·K+K−1 are class c's centres.
+
+
+def _soft_triple_batch(seed, b, c, k, d):
+    rng = np.random.default_rng(seed)
+    x = (3.0 * rng.normal(size=(b, d)) + 0.5).astype(np.float32)  # not normalized
+    p = rng.normal(size=(c * k, d)).astype(np.float32)
+    y = rng.integers(0, c, size=b).astype(np.int32)
+    return x, y, p
+
+
+def _pml_soft_triple(x, y, p, k, *, la=20.0, gamma=0.1, tau=0.2, margin=0.01):
+    torch = pytest.importorskip("torch")
+    from pytorch_metric_learning import losses as pml
+    from pytorch_metric_learning import regularizers
+
+    c, d = p.shape[0] // k, p.shape[1]
+    reg = {}
+    if k > 1 and tau:
+        reg = dict(weight_regularizer=regularizers.SparseCentersRegularizer(c, k),
+                   weight_reg_weight=tau)
+    fn = pml.SoftTripleLoss(c, d, centers_per_class=k, la=la, gamma=gamma, margin=margin, **reg)
+    fn.fc.data = torch.tensor(p.T.copy())
+    xt = torch.tensor(x, requires_grad=True)
+    loss = fn(xt, torch.tensor(y, dtype=torch.long))
+    loss.backward()
+    return float(loss.detach()), xt.grad.numpy(), fn.fc.grad.numpy().T
+
+
+def _soft_triple_value_and_grad(x, y, p, k, **kw):
+    fn = jax.jit(jax.value_and_grad(
+        lambda a, q: losses.soft_triple(a, y, q, centers_per_class=k, **kw), argnums=(0, 1)))
+    loss, (gx, gp) = fn(x, p)
+    return loss, gx, gp
+
+
+@pytest.mark.parametrize("b,c,k,d", [(32, 12, 1, 24), (32, 12, 10, 24), (20, 7, 3, 16),
+                                     (64, 30, 10, 64)])
+@pytest.mark.parametrize("tau", [0.2, 0.0])
+def test_soft_triple_matches_pytorch_metric_learning(b, c, k, d, tau):
+    x, y, p = _soft_triple_batch(b + k, b, c, k, d)
+    ref_loss, ref_gx, ref_gp = _pml_soft_triple(x, y, p, k, tau=tau)
+    loss, gx, gp = _soft_triple_value_and_grad(x, y, p, k, tau=tau)
+    assert loss.dtype == jnp.float32
+    assert_rel_close(loss, ref_loss)
+    assert_rel_close(gx, ref_gx)
+    assert_rel_close(gp, ref_gp)
+
+
+@pytest.mark.parametrize("wrong", ["margin", "gamma", "la", "tau", "layout"])
+def test_soft_triple_parity_check_catches_a_wrong_loss(wrong):
+    # The comparison above is sharp enough to see each hyper-parameter and the row layout.
+    b, c, k, d = 32, 12, 10, 24
+    x, y, p = _soft_triple_batch(1, b, c, k, d)
+    ref = _pml_soft_triple(x, y, p, k)
+    kw = {"margin": dict(margin=0.02), "gamma": dict(gamma=0.11), "la": dict(la=21.0),
+          "tau": dict(tau=0.0), "layout": {}}[wrong]
+    q = p.reshape(c, k, d).transpose(1, 0, 2).reshape(c * k, d) if wrong == "layout" else p
+    got = _soft_triple_value_and_grad(x, y, q, k, **kw)
+    with pytest.raises(AssertionError, match="relative error"):
+        for actual, expected in zip(got, ref):
+            assert_rel_close(actual, expected)
+
+
+def _np_soft_triple(x, y, p, k, la, gamma, tau, margin):
+    """The SoftTriple definition written out with loops (float64)."""
+    c = p.shape[0] // k
+    xh, ph = _np_normalize(x), _np_normalize(p)
+    total = 0.0
+    for i in range(len(y)):
+        logits = np.empty(c)
+        for cls in range(c):
+            s = ph[cls * k:(cls + 1) * k] @ xh[i]
+            w = np.exp(s / gamma - np.max(s / gamma))
+            logits[cls] = la * (np.sum(w * s) / np.sum(w) - (margin if cls == y[i] else 0.0))
+        total += -_np_log_softmax(logits[None])[0, y[i]]
+    reg = 0.0
+    for cls in range(c):
+        for a in range(k):
+            for b_ in range(a + 1, k):
+                reg += np.sqrt(2.0 - 2.0 * ph[cls * k + a] @ ph[cls * k + b_])
+    reg = reg / (c * k * (k - 1)) if k > 1 else 0.0
+    return total / len(y) + tau * reg
+
+
+def test_soft_triple_matches_loop_definition():
+    with jax.enable_x64(True):
+        x, y, p = _soft_triple_batch(2, 10, 4, 3, 6)
+        x, p = x.astype(np.float64), p.astype(np.float64)
+        kw = dict(la=20.0, gamma=0.1, tau=0.2, margin=0.01)
+        got = losses.soft_triple(x, y, p, centers_per_class=3, **kw)
+        assert_rel_close(got, _np_soft_triple(x, y, p, 3, **kw), tol=1e-12)
+
+
+def test_soft_triple_padded_call_equals_unpadded():
+    b, c, k, d = 16, 5, 3, 8
+    x, y, p = _soft_triple_batch(3, b, c, k, d)
+    rng = np.random.default_rng(4)
+    # Two junk classes (K rows each) and three junk samples, which even point at real classes.
+    xp = np.concatenate([x, rng.normal(size=(3, d)).astype(np.float32)])
+    yp = np.concatenate([y, rng.integers(0, c, 3).astype(np.int32)])
+    pp = np.concatenate([p, rng.normal(size=(2 * k, d)).astype(np.float32)])
+    smask = np.arange(b + 3) < b
+    cmask = np.arange(c + 2) < c
+    plain, gx, gp = _soft_triple_value_and_grad(x, y, p, k)
+    padded, gxp, gpp = _soft_triple_value_and_grad(
+        xp, yp, pp, k, proxy_mask=cmask, sample_mask=smask)
+    assert_rel_close(padded, plain)
+    assert_rel_close(gxp[:b], gx)
+    assert_rel_close(gpp[: c * k], gp)
+    assert np.all(gxp[b:] == 0) and np.all(gpp[c * k:] == 0)
+
+
+def test_soft_triple_masked_class_equals_removed_class():
+    b, c, k, d = 16, 5, 3, 8
+    x, y, p = _soft_triple_batch(5, b, c, k, d)
+    y = np.where(y == 2, 0, y).astype(np.int32)  # class 2 has no sample
+    keep = np.arange(c) != 2
+    masked = losses.soft_triple(x, y, p, centers_per_class=k, proxy_mask=keep)
+    removed = losses.soft_triple(x, np.where(y > 2, y - 1, y).astype(np.int32),
+                                 p[np.repeat(keep, k)], centers_per_class=k)
+    assert_rel_close(masked, removed)
+
+
+def test_soft_triple_check_grads_and_vmap():
+    with jax.enable_x64(True):
+        x, y, p = _soft_triple_batch(6, 8, 3, 3, 5)
+        x, p = x.astype(np.float64), p.astype(np.float64)
+        check_grads(lambda a, q: losses.soft_triple(a, y, q, centers_per_class=3), (x, p),
+                    order=1, modes=("rev",))
+    xs, ys, ps = map(np.stack, zip(*[_soft_triple_batch(s, 8, 3, 2, 6) for s in range(3)]))
+    fn = lambda a, b_, q: losses.soft_triple(a, b_, q, centers_per_class=2)  # noqa: E731
+    single = np.array([fn(xs[i], ys[i], ps[i]) for i in range(3)])
+    assert_rel_close(jax.jit(jax.vmap(fn))(xs, ys, ps), single)
+
+
+def test_soft_triple_bfloat16_inputs_give_finite_loss_and_grads():
+    x, y, p = _soft_triple_batch(7, 32, 8, 10, 32)
+    x, p = jnp.asarray(x * 10, jnp.bfloat16), jnp.asarray(p, jnp.bfloat16)
+    loss, gx, gp = _soft_triple_value_and_grad(x, y, p, 10)
+    assert loss.dtype == jnp.float32 and np.isfinite(loss)
+    assert np.all(np.isfinite(np.asarray(gx, np.float32)))
+    assert np.all(np.isfinite(np.asarray(gp, np.float32)))
+
+
+def test_soft_triple_bad_input_names_the_argument():
+    x, y, p = _soft_triple_batch(8, 8, 4, 3, 6)
+    with pytest.raises(ValueError, match="multiple of centers_per_class=5"):
+        losses.soft_triple(x, y, p, centers_per_class=5)
+    with pytest.raises(ValueError, match="centers_per_class must be an int"):
+        losses.soft_triple(x, y, p, centers_per_class=0)
+    with pytest.raises(ValueError, match=r"proxy_mask must have shape \(4,\), one entry per class"):
+        losses.soft_triple(x, y, p, centers_per_class=3, proxy_mask=np.ones(12, bool))
+    with pytest.raises(ValueError, match="sample_mask"):
+        losses.soft_triple(x, y, p, centers_per_class=3, sample_mask=np.ones(3, bool))
+    with pytest.raises(ValueError, match="labels"):
+        jax.jit(lambda a, b_, q: losses.soft_triple(a, b_, q, centers_per_class=3))(x, y[:-1], p)

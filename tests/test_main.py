@@ -94,7 +94,8 @@ def _config(tiny_root):
     config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))
     flags = dict(arg[len("--config."):].split("=", 1) for arg in TINY)
     changes = {path: literal(value) for path, value in flags.items()}
-    return config_utils.override(config, {**changes, "data.root": tiny_root, "num_devices": 1})
+    config.update_from_flattened_dict({**changes, "data.root": tiny_root, "num_devices": 1})
+    return config
 
 
 def test_evaluate_and_embed_modes_read_the_checkpoint(trained, tiny_root, tmp_path):

@@ -1,4 +1,5 @@
-"""proxy_jax.objective: registries, composition of regularizer and loss, proxy init."""
+"""proxy_jax.objective: registries, the regularizer chain and its declared compatibility,
+Proxy Synthesis followed by MemVir, proxy init."""
 
 import math
 
@@ -23,6 +24,15 @@ def _config(loss="norm_softmax", regularizer="", **reg):
     return c
 
 
+def _memvir(objective, *, jit=True):
+    """``objective.loss_fn`` with MemVir's memory in and out instead of the ``extra`` dict."""
+    def fn(e, y, p, memory, epoch=0, key=None):
+        value, extra = objective.loss_fn(e, y, p, key=key, extra={"memvir": memory},
+                                         epoch=epoch)
+        return value, extra["memvir"]
+    return jax.jit(fn) if jit else fn
+
+
 def _inputs(seed=0):
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     emb = jax.random.normal(k1, (B, D))
@@ -36,9 +46,9 @@ def test_plain_objective_is_the_base_loss(loss):
     emb, labels, proxies = _inputs()
     objective = make_objective(_config(loss), num_classes=C, global_batch_size=B)
     value, memory = jax.jit(lambda e, y, p: objective.loss_fn(
-        e, y, p, key=jax.random.PRNGKey(1), memory={}, epoch=0))(emb, labels, proxies)
+        e, y, p, key=jax.random.PRNGKey(1), extra={}, epoch=0))(emb, labels, proxies)
     spec = LOSSES[loss]
-    expected = jax.jit(lambda e, y, p: spec.fn(e, y, p, **spec.hyper_parameters(
+    expected = jax.jit(lambda e, y, p: spec.fn(e, y, p, **spec.kwargs(
         _config(loss).loss)))(emb, labels, proxies)
     np.testing.assert_allclose(value, expected, rtol=1e-6)
     assert memory == {}
@@ -49,7 +59,7 @@ def test_ps_objective_reorders_then_synthesizes():
     config = _config("norm_softmax", "ps", ps_alpha=0.4, ps_mu=0.5)
     objective = make_objective(config, num_classes=C, global_batch_size=B)
     key = jax.random.PRNGKey(3)
-    value, _ = jax.jit(lambda e, y, p: objective.loss_fn(e, y, p, key=key, memory={}, epoch=0))(
+    value, _ = jax.jit(lambda e, y, p: objective.loss_fn(e, y, p, key=key, extra={}, epoch=0))(
         emb, labels, proxies)
 
     @jax.jit
@@ -72,9 +82,8 @@ def test_memvir_objective_reads_before_push_and_waits_for_warm_up():
     config = _config("proxy_nca", "memvir", memvir_num_steps=2, memvir_step_gap=0,
                      memvir_warm_epochs=1)
     objective = make_objective(config, num_classes=C, global_batch_size=B)
-    memory = objective.init_memory()
-    fn = jax.jit(lambda e, y, p, m, epoch: objective.loss_fn(e, y, p, key=None, memory=m,
-                                                             epoch=epoch))
+    memory = objective.init_extra()["memvir"]
+    fn = _memvir(objective)
     steps = [_inputs(seed) for seed in range(4)]
     # Epoch 0 is warm-up: nothing is pushed, the loss is the plain loss.
     e, y, p = steps[0]
@@ -101,14 +110,14 @@ def test_fused_memvir_objective_equals_generic_path(loss):
                      memvir_warm_epochs=1)
     objectives = [make_objective(config, num_classes=C, global_batch_size=B,
                                  _fused_memvir=fused) for fused in (True, False)]
-    memories = [o.init_memory() for o in objectives]
+    memories = [o.init_extra()["memvir"] for o in objectives]
     assert memories[0].cache_loss == loss and memories[0].lse_cache is not None
     assert memories[1].cache_loss is None and memories[1].lse_cache is None
 
     def step_fn(objective):
         def step(e, y, p, memory, epoch):
             (value, memory), grads = jax.value_and_grad(
-                lambda e, p: objective.loss_fn(e, y, p, key=None, memory=memory, epoch=epoch),
+                lambda e, p: _memvir(objective, jit=False)(e, y, p, memory, epoch),
                 argnums=(0, 1), has_aux=True)(e, p)
             return value, grads, memory
         return jax.jit(step)
@@ -132,21 +141,21 @@ def test_fused_memvir_objective_equals_generic_path(loss):
     e, y, p = _inputs(seed=99)
     value, _, _ = steps[0](e, y, p, memories[0], 1)
     spec = LOSSES[loss]
-    plain = spec.fn(e, y, p, **spec.hyper_parameters(config.loss))
+    plain = spec.fn(e, y, p, **spec.kwargs(config.loss))
     assert abs(float(value) - float(plain)) > 1e-3
 
 
 def test_memvir_with_proxy_anchor_uses_the_generic_path():
     config = _config("proxy_anchor", "memvir", memvir_num_steps=1, memvir_step_gap=0)
     objective = make_objective(config, num_classes=C, global_batch_size=B)
-    memory = objective.init_memory()
+    memory = objective.init_extra()["memvir"]
     assert memory.cache_loss is None and memory.lse_cache is None
-    step = jax.jit(lambda e, y, p, m: objective.loss_fn(e, y, p, key=None, memory=m, epoch=0))
+    step = _memvir(objective)
     e, y, p = _inputs()
     _, memory = step(e, y, p, memory)
     e2, y2, p2 = _inputs(seed=1)
     value, _ = step(e2, y2, p2, memory)
-    hp = LOSSES["proxy_anchor"].hyper_parameters(config.loss)
+    hp = LOSSES["proxy_anchor"].kwargs(config.loss)
     expected = losses.proxy_anchor(jnp.concatenate([e2, e]), jnp.concatenate([y2, y + C]),
                                    jnp.concatenate([p2, p]), **hp)
     np.testing.assert_allclose(value, expected, rtol=1e-5)
@@ -156,12 +165,12 @@ def test_memvir_gradient_does_not_flow_into_memory():
     config = _config("norm_softmax", "memvir", memvir_num_steps=1, memvir_step_gap=0)
     objective = make_objective(config, num_classes=C, global_batch_size=B)
     e, y, p = _inputs()
-    step = jax.jit(lambda e, y, p, m: objective.loss_fn(e, y, p, key=None, memory=m, epoch=0))
-    _, memory = step(e, y, p, objective.init_memory())
+    step = _memvir(objective)
+    _, memory = step(e, y, p, objective.init_extra()["memvir"])
 
     def total(mem_embeddings, mem_proxies):
         m = memory.replace(embeddings=mem_embeddings, proxies=mem_proxies)
-        return objective.loss_fn(e, y, p, key=None, memory=m, epoch=0)[0]
+        return _memvir(objective, jit=False)(e, y, p, m)[0]
     grads = jax.jit(jax.grad(total, argnums=(0, 1)))(memory.embeddings, memory.proxies)
     # The pushed embeddings and proxies are constants of later steps.
     assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
@@ -175,7 +184,7 @@ def test_ee_objective_matches_expansion_plus_hphn():
     emb = losses.l2_normalize(emb)
     labels = jnp.array([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32)
     objective.check_batch(np.asarray(labels))
-    value, _ = jax.jit(lambda e, y: objective.loss_fn(e, y, None, key=None, memory={},
+    value, _ = jax.jit(lambda e, y: objective.loss_fn(e, y, None, key=None, extra={},
                                                       epoch=0))(emb, labels)
 
     @jax.jit
@@ -189,14 +198,75 @@ def test_ee_objective_matches_expansion_plus_hphn():
 
 @pytest.mark.parametrize("loss, regularizer, message", [
     ("arcface", "", "config.loss.name must be one of"),
-    ("norm_softmax", "dropout", "config.regularizer.name must be one of"),
-    ("hphn_triplet", "ps", "needs a proxy loss"),
-    ("hphn_triplet", "memvir", "needs a proxy loss"),
-    ("proxy_anchor", "ee", "hphn_triplet"),
+    ("norm_softmax", "dropout", "'dropout' is not a regularizer; known"),
+    ("norm_softmax", "ps+ps", "names a regularizer twice"),
+    ("hphn_triplet", "ps", "regularizer 'ps' needs a proxy loss, but loss 'hphn_triplet' has none"),
+    ("hphn_triplet", "memvir", "regularizer 'memvir' needs a proxy loss"),
+    ("proxy_anchor", "ee", "loss 'proxy_anchor' cannot take the expanded points that "
+                           "regularizer 'ee' produces"),
+    ("norm_softmax", "memvir+ps", "regularizer 'ps' cannot follow 'memvir': it does not take "
+                                  "the masked"),
+    ("soft_triple", "ps", "regularizer 'ps' needs one proxy row per class, but loss "
+                          "'soft_triple' has several"),
+    ("soft_triple", "memvir", "needs one proxy row per class"),
 ])
 def test_bad_names_and_combinations_raise(loss, regularizer, message):
     with pytest.raises(ValueError, match=message):
         make_objective(_config(loss, regularizer), num_classes=C, global_batch_size=B)
+
+
+def test_soft_triple_objective_has_k_centres_per_class():
+    config = _config("soft_triple")
+    config.loss.centers_per_class = 3
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    assert objective.uses_proxies and objective.num_proxy_rows == 3 * C
+    emb, labels, _ = _inputs()
+    centres = jax.random.normal(jax.random.PRNGKey(5), (3 * C, D))
+    value, _ = objective.loss_fn(emb, labels, centres, key=None, extra={}, epoch=0)
+    expected = losses.soft_triple(emb, labels, centres, centers_per_class=3, la=20.0,
+                                  gamma=0.1, tau=0.2, margin=0.01)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    # With one centre per class it composes with PS and MemVir like any proxy loss.
+    config.loss.centers_per_class = 1
+    config.regularizer.name = "ps+memvir"
+    make_objective(config, num_classes=C, global_batch_size=B)
+
+
+def test_ps_then_memvir_synthetic_classes_stay_out_of_the_memory():
+    """'ps+memvir': the loss of a step sees the real batch, PS's synthetic classes and the
+    memory's virtual classes; the memory holds only real steps, as MemVir alone would."""
+    config = _config("norm_softmax", "ps+memvir", memvir_num_steps=1, memvir_step_gap=0)
+    chained = make_objective(config, num_classes=C, global_batch_size=B)
+    alone = make_objective(_config("norm_softmax", "memvir", memvir_num_steps=1,
+                                   memvir_step_gap=0), num_classes=C, global_batch_size=B)
+    memory = chained.init_extra()["memvir"]
+    assert memory.cache_loss is None  # not alone: the generic path
+    assert alone.init_extra()["memvir"].cache_loss == "norm_softmax"
+    key1, key2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    (e, y, p), (e2, y2, p2) = _inputs(0), _inputs(1)
+    step = _memvir(chained)
+    _, memory = step(e, y, p, memory, key=key1)
+    # What was pushed: the real (PS-normalized, reordered) batch and the real proxies, no
+    # synthetic class.
+    assert int(memory.size) == 1 and memory.embeddings.shape[1:] == (B, D)
+    order = regularizers.distinct_neighbours(y, jax.random.split(key1)[0])
+    np.testing.assert_array_equal(memory.labels[0], y[order])
+    np.testing.assert_allclose(memory.proxies[0], losses.l2_normalize(p), rtol=1e-6)
+    assert int(memory.labels.max()) < C
+
+    value, _ = step(e2, y2, p2, memory, key=key2)
+    # Reference: PS on this step, then the previous step appended as virtual classes
+    # (labels shifted past the real and synthetic ones).
+    k_order, k_lambda = jax.random.split(key2)
+    o2 = regularizers.distinct_neighbours(y2, k_order)
+    ps_e, ps_y, ps_p = regularizers.proxy_synthesis(k_lambda, e2[o2], y2[o2], p2, alpha=0.4,
+                                                    mu=1.0)
+    num_syn = ps_p.shape[0] - C
+    virtual_y = memory.labels[0] + C + num_syn
+    expected = losses.norm_softmax(jnp.concatenate([ps_e, memory.embeddings[0]]),
+                                   jnp.concatenate([ps_y, virtual_y]),
+                                   jnp.concatenate([ps_p, memory.proxies[0]]), scale=23.0)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
 
 
 def test_ps_with_too_small_batch_raises():
@@ -212,7 +282,7 @@ def test_ps_with_too_small_batch_raises():
     ("kaiming_normal", "classes", math.sqrt(2 / 500)),
 ])
 def test_proxy_init_matches_pytorch_statistics(init, fan, expected_std):
-    p = np.asarray(init_proxies(jax.random.PRNGKey(0), num_classes=500, dim=64, init=init,
+    p = np.asarray(init_proxies(jax.random.PRNGKey(0), num_rows=500, dim=64, init=init,
                                 fan=fan))
     assert p.shape == (500, 64) and p.dtype == np.float32
     np.testing.assert_allclose(p.std(), expected_std, rtol=0.02)
@@ -222,6 +292,6 @@ def test_proxy_init_matches_pytorch_statistics(init, fan, expected_std):
 
 def test_proxy_init_bad_names():
     with pytest.raises(ValueError, match="init must be"):
-        init_proxies(jax.random.PRNGKey(0), num_classes=3, dim=4, init="xavier", fan="dim")
+        init_proxies(jax.random.PRNGKey(0), num_rows=3, dim=4, init="xavier", fan="dim")
     with pytest.raises(ValueError, match="fan must be"):
-        init_proxies(jax.random.PRNGKey(0), num_classes=3, dim=4, init="kaiming_normal", fan="x")
+        init_proxies(jax.random.PRNGKey(0), num_rows=3, dim=4, init="kaiming_normal", fan="x")

@@ -3,7 +3,8 @@
 * datasets: map-style ``ds[i] -> (PIL RGB image, int label)`` readers of the benchmark
   layouts (:func:`load_benchmark`, :class:`ImageFolder`), tensorflow-datasets sources
   (:class:`TfdsDataset`), preparation from the official archives (:func:`prepare`) and the
-  embedded default data set (:func:`ensure_embedded_dataset`);
+  embedded default data set (:func:`ensure_embedded_dataset`); :func:`load_splits` gives the
+  train/test(/gallery) sets a config's ``data.dataset`` names;
 * samplers: which images form each global batch, deterministic from (seed, epoch);
 * transforms: torchvision's PIL path, pixel for pixel, plus each backbone's normalization;
 * pipeline: :func:`make_loader`, grain worker processes feeding fixed-shape numpy batches
@@ -16,9 +17,9 @@ from proxy_jax.data.embedded import ensure_embedded_dataset
 from proxy_jax.data.pipeline import DatasetItemError, Loader, make_loader
 from proxy_jax.data.prepare import prepare
 from proxy_jax.data.samplers import (
-    PAD_INDEX, ClassBalancedSampler, DistinctNeighbourSampler, Sampler, ShuffleSampler,
-    distinct_neighbour_order)
+    PAD_INDEX, ClassBalancedSampler, Sampler, ShuffleSampler)
+from proxy_jax.data.splits import Splits, load_splits
 from proxy_jax.data.tfds_sources import TFDS_BENCHMARKS, TfdsDataset
 from proxy_jax.data.transforms import (
-    UNIT_RANGE, CenterCrop, Compose, Normalization, RandomHorizontalFlip, RandomResizedCrop,
+    UNIT_RANGE, CenterCrop, Compose, InputNormalization, RandomHorizontalFlip, RandomResizedCrop,
     Resize, eval_transform, normalize, train_transform)

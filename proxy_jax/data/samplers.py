@@ -15,12 +15,9 @@ Samplers (all share :class:`Sampler`'s methods):
   With an even ``n_instance`` the pairs ``(2i, 2i + 1)`` share a class, which is the batch
   contract of Embedding Expansion (clovaai/embedding-expansion ``dataset/sampler.py``).
   ``n_instance=1`` is plain shuffling, as in the seed repositories.
-* :class:`DistinctNeighbourSampler` -- wraps any sampler and reorders every global batch so
-  that ``labels[i] != labels[(i + 1) % B]`` whenever the batch's label counts allow it
-  (no label on more than ``B // 2`` rows). Proxy Synthesis mixes each row with its
-  neighbour and needs this; the official loop (navervision/proxy-synthesis ``main.py``,
-  ``train``) repairs each batch by local swaps, which can fail; here the order is built so
-  that it never fails when a valid order exists.
+
+Proxy Synthesis needs cyclic neighbours of different classes; that order is made inside
+the step (``proxy_jax.regularizers.distinct_neighbours``), not here.
 
 Sharding: host ``shard_index`` of ``shard_count`` keeps the contiguous slice
 ``[shard_index * b, (shard_index + 1) * b)`` of every global batch, ``b = batch_size //
@@ -45,8 +42,6 @@ __all__ = [
     "Sampler",
     "ShuffleSampler",
     "ClassBalancedSampler",
-    "DistinctNeighbourSampler",
-    "distinct_neighbour_order",
     "PAD_INDEX",
 ]
 
@@ -56,7 +51,6 @@ PAD_INDEX = -1
 # Distinct streams for the different random decisions made from one (seed, epoch).
 _SHUFFLE_STREAM = 0
 _BALANCED_STREAM = 1
-_NEIGHBOUR_STREAM = 2
 
 
 def _check_nonnegative_int(value, name: str) -> int:
@@ -277,105 +271,3 @@ class ClassBalancedSampler(Sampler):
         queues[k] = np.concatenate([fresh[~held], fresh[held]])
         heads[k] = n - taken.size
         return np.concatenate([taken, queues[k][:heads[k]]])
-
-
-class DistinctNeighbourSampler(Sampler):
-    """Reorders each global batch of ``base`` so that cyclic neighbours differ in label.
-
-    The batches' contents are ``base``'s; only the order inside each batch changes (the
-    last, partial batch of a :class:`ShuffleSampler` epoch is reordered on its own). See
-    :func:`distinct_neighbour_order` for the guarantee.
-
-    Args:
-      base: the sampler choosing the batches' contents.
-      labels: int ``[num_examples]``, the dataset's ``targets``; default ``base.labels``
-        (a :class:`ClassBalancedSampler` has them).
-    """
-
-    def __init__(self, base: Sampler, labels: Optional[Sequence[int]] = None):
-        if not isinstance(base, Sampler):
-            raise ValueError(f"base must be a proxy_jax Sampler, got {type(base).__name__}")
-        if labels is None:
-            labels = getattr(base, "labels", None)
-            if labels is None:
-                raise ValueError(f"labels is required: {type(base).__name__} does not carry labels")
-        self.base = base
-        self.labels = _as_labels(labels)
-        self.num_examples = base.num_examples
-        if self.labels.size != base.num_examples:
-            raise ValueError(
-                f"labels has {self.labels.size} entries but base samples {base.num_examples} examples")
-
-    def num_batches(self, *, batch_size: int, drop_remainder: bool = True) -> int:
-        return self.base.num_batches(batch_size=batch_size, drop_remainder=drop_remainder)
-
-    def epoch_order(self, epoch: int, *, batch_size: int, seed: int) -> np.ndarray:
-        order = self.base.epoch_order(epoch, batch_size=batch_size, seed=seed).copy()
-        rng = _rng(seed, epoch, _NEIGHBOUR_STREAM)
-        for start in range(0, order.size, batch_size):
-            chunk = order[start:start + batch_size]
-            order[start:start + batch_size] = chunk[distinct_neighbour_order(self.labels[chunk], rng)]
-        return order
-
-
-def distinct_neighbour_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A random permutation ``p`` with ``labels[p][i] != labels[p][(i + 1) % n]`` for all ``i``.
-
-    Such an order exists iff ``n >= 2`` and no label occurs more than ``n // 2`` times;
-    then it is always found. Otherwise the result is a best effort (most frequent label
-    spread out as far as it goes).
-
-    How: the most frequent label goes first; then, position by position, a label is drawn
-    with probability proportional to its remaining count among those that differ from the
-    previous one and leave the rest completable. The rest of ``r`` slots between a left
-    neighbour ``a`` and the wrap-around right neighbour ``f`` (the first label) is
-    completable iff every label ``x`` fits in its capacity: ``ceil(r/2)`` slots, less one
-    end slot for each end that holds ``x`` itself. Finally the cycle is rotated by a random
-    offset, which keeps it valid and removes the bias of the first slot.
-
-    Args:
-      labels: int ``[n]``.
-      rng: NumPy generator.
-
-    Returns:
-      int64 ``[n]`` permutation.
-    """
-    labels = np.asarray(labels)
-    n = labels.size
-    if n < 2:
-        return np.arange(n, dtype=np.int64)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    pools = [list(rng.permutation(np.flatnonzero(inverse == k))) for k in range(counts.size)]
-    counts = counts.astype(np.int64)
-    classes = np.arange(counts.size)
-
-    top = np.flatnonzero(counts == counts.max())
-    first = int(rng.choice(top))
-    out = [pools[first].pop()]
-    counts[first] -= 1
-    prev = first
-    for remaining in range(n - 1, 0, -1):
-        rest = remaining - 1  # slots left after this one
-        # Capacity of each label in the rest if it does not touch an end of its own label.
-        free_cap = (rest + 1) // 2
-        end_cap = rest // 2
-        # Label x != candidate: x == first touches the right end.
-        slack = counts - np.where(classes == first, end_cap, free_cap)
-        order = np.argsort(-slack, kind="stable")
-        best, second = slack[order[0]], (slack[order[1]] if counts.size > 1 else -np.inf)
-        max_other = np.where(classes == order[0], second, best)
-        # The candidate itself, after use: it is the left end of the rest.
-        own_cap = np.where(classes == first, (rest - 1) // 2, end_cap)
-        ok = (counts > 0) & (classes != prev) & (max_other <= 0) & (counts - 1 <= own_cap)
-        if not ok.any():  # no valid completion: best effort, avoid the previous label
-            ok = (counts > 0) & (classes != prev)
-            if ok.any():
-                ok &= counts == counts[ok].max()
-            else:
-                ok = counts > 0
-        weights = np.where(ok, counts, 0).astype(np.float64)
-        pick = int(rng.choice(counts.size, p=weights / weights.sum()))
-        out.append(pools[pick].pop())
-        counts[pick] -= 1
-        prev = pick
-    return np.roll(np.asarray(out, np.int64), int(rng.integers(n)))

@@ -9,10 +9,10 @@ RNG, so a loader can make it a pure function of ``(seed, epoch, slot)``.
 
 A transform is a callable ``transform(image, rng) -> uint8 [H, W, 3]`` with an attribute
 ``norm``: the pipeline moves uint8 pixels between processes (4x less than float32) and
-converts them with :func:`normalize` as late as possible. ``norm`` is any object with the
-fields of ``proxy_jax.models.normalization.InputNormalization`` (duck-typed, so the data
-layer does not import the models): ``mean``, ``std`` (in the network's channel order),
-``bgr`` and ``scale``, meaning ``x = (p[..., ::-1] if bgr else p) * scale`` then ``(x -
+converts them with :func:`normalize` as late as possible. ``norm`` is an
+:class:`InputNormalization` (``proxy_jax.models.input_normalization(backbone)`` gives the one
+a backbone's weights expect): ``mean``, ``std`` (in the network's channel order), ``bgr``
+and ``scale``, meaning ``x = (p[..., ::-1] if bgr else p) * scale`` then ``(x -
 mean) / std`` for uint8 pixels ``p``. RGB ImageNet nets use ``scale=1/255`` with the
 ImageNet statistics (torchvision ``ToTensor`` + ``Normalize``); BN-Inception uses
 ``bgr=True, scale=1, mean=(104, 117, 128), std=(1, 1, 1)`` (the seeds' ``RGB2BGR``,
@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "Normalization",
+    "InputNormalization",
     "UNIT_RANGE",
     "RandomResizedCrop",
     "RandomHorizontalFlip",
@@ -54,8 +54,13 @@ __all__ = [
 Size = Union[int, Sequence[int]]
 
 
-class Normalization(NamedTuple):
-    """Same fields as ``proxy_jax.models.normalization.InputNormalization``."""
+class InputNormalization(NamedTuple):
+    """How to turn uint8 RGB pixels into a network's input.
+
+    For a pixel ``p`` in 0..255 (RGB order as decoded):
+    ``x = (p[..., ::-1] if bgr else p) * scale``, then ``x = (x - mean) / std`` per channel.
+    ``mean`` and ``std`` are given in the network's channel order, i.e. after the BGR flip.
+    """
 
     mean: tuple
     std: tuple
@@ -64,7 +69,7 @@ class Normalization(NamedTuple):
 
 
 # torchvision ``ToTensor`` alone: pixels / 255 in [0, 1].
-UNIT_RANGE = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bgr=False, scale=1.0 / 255.0)
+UNIT_RANGE = InputNormalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), bgr=False, scale=1.0 / 255.0)
 
 
 def _pair(size: Size, name: str) -> tuple[int, int]:
@@ -217,7 +222,7 @@ def normalize(images, norm=UNIT_RANGE):
 
     Args:
       images: uint8 ``[..., H, W, 3]``.
-      norm: an ``InputNormalization``-like object; default :data:`UNIT_RANGE`.
+      norm: an :class:`InputNormalization`; default :data:`UNIT_RANGE`.
     """
     a, b, bgr = _affine_coefficients(norm)
     if images.shape[-1:] != (3,):
@@ -321,7 +326,7 @@ class Compose:
 
     Args:
       ops: callables ``op(image, rng) -> PIL.Image``.
-      norm: ``InputNormalization``-like, applied by the loader (:func:`normalize`); None
+      norm: an :class:`InputNormalization`, applied by the loader (:func:`normalize`); None
         means :data:`UNIT_RANGE`.
     """
 

@@ -11,7 +11,7 @@
 from proxy_jax.models.embedding import (EMBEDDING_INITS, POOLINGS, EmbeddingModel, create_model,
                                         global_pool)
 from proxy_jax.models.normalization import InputNormalization, input_normalization
-from proxy_jax.models.registry import BACKBONES, BackboneSpec, get_backbone, make_backbone
+from proxy_jax.models.registry import BACKBONES, BackboneSpec, get_backbone
 from proxy_jax.models.weights import (backbone_shapes, batchnorm_param_mask, check_weights,
                                       load_pretrained, load_weights, save_weights)
 
@@ -19,5 +19,5 @@ __all__ = [
     "BACKBONES", "BackboneSpec", "EMBEDDING_INITS", "EmbeddingModel", "InputNormalization",
     "POOLINGS", "backbone_shapes", "batchnorm_param_mask", "check_weights", "create_model",
     "get_backbone", "global_pool", "input_normalization", "load_pretrained", "load_weights",
-    "make_backbone", "save_weights",
+    "save_weights",
 ]

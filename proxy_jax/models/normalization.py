@@ -1,25 +1,12 @@
 """The input normalization each backbone's pretrained weights expect.
 
-It travels with the model name so the data layer (which duck-types this NamedTuple and
-never imports ``proxy_jax.models``) applies the one the weights were trained with.
+The type is the data layer's (``proxy_jax.data.transforms.InputNormalization``, which the
+loader applies); this module only knows which values each backbone's weights were trained
+with, so the models depend on the data layer and never the other way round.
 """
-from typing import NamedTuple
+from proxy_jax.data.transforms import InputNormalization
 
 __all__ = ["InputNormalization", "input_normalization"]
-
-
-class InputNormalization(NamedTuple):
-    """How to turn uint8 RGB pixels into a backbone's input.
-
-    For a pixel ``p`` in 0..255 (RGB order as decoded):
-    ``x = (p[..., ::-1] if bgr else p) * scale``, then ``x = (x - mean) / std`` per channel.
-    ``mean`` and ``std`` are given in the network's channel order, i.e. after the BGR flip.
-    """
-
-    mean: tuple
-    std: tuple
-    bgr: bool
-    scale: float
 
 
 # torchvision ImageNet models: RGB on [0, 1] with the ImageNet statistics.

@@ -7,14 +7,12 @@ converter drops on purpose (every other key must map, see proxy_jax.convert).
 import functools
 from typing import Any, Callable, NamedTuple
 
-import jax.numpy as jnp
-
 from proxy_jax.models.bn_inception import BNInception
 from proxy_jax.models.googlenet import GoogLeNet
 from proxy_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from proxy_jax.models.tiny_cnn import TinyCNN
 
-__all__ = ["BackboneSpec", "BACKBONES", "get_backbone", "make_backbone"]
+__all__ = ["BackboneSpec", "BACKBONES", "get_backbone"]
 
 
 class BackboneSpec(NamedTuple):
@@ -52,9 +50,3 @@ def get_backbone(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {name!r}") from None
-
-
-def make_backbone(name: str, *, freeze_bn: bool = True, dtype: Any = jnp.float32,
-                  module_name: str | None = None):
-    """Builds the Flax feature extractor ``name``: images [B, H, W, 3] → [B, h, w, C]."""
-    return get_backbone(name).factory(freeze_bn=freeze_bn, dtype=dtype, name=module_name)

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proxy_jax.losses import log1p_sum_exp, l2_normalize
+from proxy_jax.losses import l2_normalize, proxy_anchor_neg_terms, proxy_anchor_pos_terms
 
 Array = jax.Array
 
@@ -216,10 +216,13 @@ def dada_proxy_loss(
       loss = pos + neg
 
     Unlike :func:`proxy_jax.losses.proxy_anchor`, the positive term averages over the N
-    samples, so a class counts once per sample it has in the batch; the negative term
-    averages over all C proxies (a proxy without negatives contributes 0). With δ⁻ = −δ
-    and α⁺ = α⁻ that is Proxy-Anchor's negative term. The ``log(1 + Σ exp)`` are
-    logsumexps with a zero appended.
+    samples, so a class counts once per sample it has in the batch, and its column j is
+    sample j's own positive proxy q̂_j rather than a class proxy; the negative term
+    averages over all C proxies (a proxy without negatives contributes 0). The per-column
+    terms are Proxy-Anchor's (:func:`proxy_jax.losses.proxy_anchor_pos_terms` and
+    ``proxy_anchor_neg_terms``, with Proxy-Anchor's margin δ = −δ⁻ in the negative term);
+    only the columns and the averaging are DADA's. The ``log(1 + Σ exp)`` are logsumexps
+    with a zero appended.
 
     Args:
       embeddings: ``[N, D]`` float embeddings (any scale; normalized here).
@@ -246,9 +249,10 @@ def dada_proxy_loss(
         q = l2_normalize(_float32(positive_proxies))
 
     same = labels[:, None] == labels[None, :]  # [N, N]; column j: the class of sample j
-    pos = log1p_sum_exp(-pos_alpha * (x @ q.T - pos_delta), same, axis=0)  # [N]
+    pos = proxy_anchor_pos_terms(x @ q.T, same, alpha=pos_alpha, margin=pos_delta)  # [N]
     other = labels[:, None] != jnp.arange(proxies.shape[0])[None, :]  # [N, C]
-    neg = log1p_sum_exp(neg_alpha * (x @ p.T - neg_delta), other, axis=0)  # [C]
+    # α⁻ (cos − δ⁻) is Proxy-Anchor's α (cos + δ) with δ = −δ⁻ (the same float).
+    neg = proxy_anchor_neg_terms(x @ p.T, other, alpha=neg_alpha, margin=-neg_delta)  # [C]
     return jnp.mean(pos) + jnp.mean(neg)
 
 

@@ -59,6 +59,7 @@ the push on its own with ``donate_argnums`` writes one slot in place::
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -68,7 +69,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from proxy_jax.losses import l2_normalize
+from proxy_jax import losses
+from proxy_jax.losses import l2_normalize, normalized_pair
 
 Array = jax.Array
 
@@ -347,7 +349,7 @@ def _push_cache(state: MemVirState, embeddings, proxies, active) -> Array:
     """
     n, gap = state.num_steps, state.step_gap + 1
     b, c, d = state.batch_size, state.num_classes, state.dim
-    logits_fn = _LOGITS[state.cache_loss][0](state.cache_scale)
+    logits_fn, _ = _logits_fns(state.cache_loss, state.cache_scale)
     ages = gap * jnp.arange(1, n, dtype=jnp.int32)  # [N−1]
     slots = jnp.mod(state.head - ages, state.capacity)
     known = ages <= state.size
@@ -385,41 +387,23 @@ def _push_cache(state: MemVirState, embeddings, proxies, active) -> Array:
 # --------------------------------------------------------------------------- fused losses
 
 
-def _scaled_cosine(scale: float) -> Callable[[Array, Array], Array]:
-    """Norm-SoftMax logits ``s · x̂ p̂ᵀ`` (as :func:`proxy_jax.losses.norm_softmax`)."""
-    return lambda x, p: scale * (x @ p.T)
-
-
-def _scaled_cosine_rows(scale: float) -> Callable[[Array, Array], Array]:
-    """Row-wise ``s · x̂_i·p̂_i`` for matching rows."""
-    return lambda x, p: scale * jnp.sum(x * p, axis=-1)
-
-
-def _scaled_neg_sq_distance(scale: float) -> Callable[[Array, Array], Array]:
-    """Proxy-NCA logits ``−s · ||x̂ − p̂||²`` (as :func:`proxy_jax.losses.proxy_nca`)."""
-
-    def logits(x, p):
-        sq_norms = jnp.sum(x * x, axis=1, keepdims=True) + jnp.sum(p * p, axis=1)[None, :]
-        return -scale * jnp.maximum(sq_norms - 2.0 * (x @ p.T), 0.0)
-
-    return logits
-
-
-def _scaled_neg_sq_distance_rows(scale: float) -> Callable[[Array, Array], Array]:
-    """Row-wise ``−s · ||x̂_i − p̂_i||²`` (same formula) for matching rows."""
-
-    def logits(x, p):
-        sq = jnp.sum(x * x, axis=-1) + jnp.sum(p * p, axis=-1) - 2.0 * jnp.sum(x * p, axis=-1)
-        return -scale * jnp.maximum(sq, 0.0)
-
-    return logits
-
-
-# name -> (all-pairs logits [R, D] x [K, D] -> [R, K], matching-rows logits -> [R])
+# name -> that loss's logits of normalized rows, [R, D] x [K, D] -> [R, K]: the one
+# definition in proxy_jax.losses, which the unfused losses use too.
 _LOGITS = {
-    "norm_softmax": (_scaled_cosine, _scaled_cosine_rows),
-    "proxy_nca": (_scaled_neg_sq_distance, _scaled_neg_sq_distance_rows),
+    "norm_softmax": losses.norm_softmax_logits,
+    "proxy_nca": losses.proxy_nca_logits,
 }
+
+
+def _logits_fns(loss: str, scale: float) -> tuple[Callable, Callable]:
+    """``loss``'s logits of all pairs ``[R, D] × [K, D] → [R, K]`` and of matching rows.
+
+    The matching-rows form ``[R, D] × [R, D] → [R]`` (row i against row i only) is the
+    all-pairs function mapped over single rows, so it cannot drift from it.
+    """
+    pairs = functools.partial(_LOGITS[loss], scale=scale)
+    rows = jax.vmap(lambda x, p: pairs(x[None, :], p[None, :])[0, 0])
+    return pairs, rows
 
 
 def _memvir_cross_entropy(state, embeddings, labels, proxies, loss: str, scale: float) -> Array:
@@ -447,12 +431,11 @@ def _memvir_cross_entropy(state, embeddings, labels, proxies, loss: str, scale: 
             f"but {loss} was called with scale {scale}; build the memory with "
             f"cache_loss={loss!r}, cache_scale={scale} (or without a cache)"
         )
-    logits_fn, row_logits_fn = (f(scale) for f in _LOGITS[loss])
+    logits_fn, row_logits_fn = _logits_fns(loss, scale)
     n, b, c, d = state.num_steps, state.batch_size, state.num_classes, state.dim
     mem_x, mem_y, mem_p, valid = _virtual_blocks(state)
-    dtype = jnp.promote_types(jnp.float32, jnp.promote_types(embeddings.dtype, proxies.dtype))
-    xc = l2_normalize(embeddings.astype(dtype))
-    pc = l2_normalize(proxies.astype(dtype))
+    xc, pc = normalized_pair(embeddings, proxies)
+    dtype = xc.dtype
     xm = l2_normalize(mem_x.astype(dtype)).reshape(n * b, d)
     pm = l2_normalize(mem_p.astype(dtype)).reshape(n * c, d)
     col_valid = jnp.repeat(valid, c)[None, :]

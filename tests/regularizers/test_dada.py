@@ -13,7 +13,7 @@ embeddings of a tiny linear+LayerNorm "network" under no_grad, ``d_step`` Adam u
 the discriminators, then one Adam update of the network and (separately) the proxies.
 JAX runs in float32; everything must agree to 1e-5 relative (to the array's largest
 entry; for a gradient tree, to the tree's; for the 'nwd' term, to the nuclear norms it
-subtracts). The full update is checked through ``proxy_jax.dada_train.dada_update`` for
+subtracts). The full update is checked through ``proxy_jax.methods.dada.dada_update`` for
 two of the four cases (the fixtures hold all four). The scratch script was
 /work/scratch/dada/make_reference.py.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import optax
 import pytest
 
-from proxy_jax.dada_train import dada_update
+from proxy_jax.methods.dada import dada_update
 from proxy_jax.losses import proxy_anchor
 from proxy_jax.regularizers.dada import (
     DadaConfig,
@@ -47,7 +47,7 @@ from proxy_jax.regularizers.dada import (
     sample_proxy_mixup,
 )
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 RTOL = 1e-5
 
 # The official options of each fixture case (the scratch script's opt namespaces), as

@@ -23,7 +23,7 @@ from jax.test_util import check_grads
 from proxy_jax import losses
 from proxy_jax.regularizers import check_pairs, embedding_expansion
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "ee_official.npz"
+FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "ee_official.npz"
 BATCHES = ["b10", "b8_inst4"]  # 5 classes x 2 instances; 2 classes x 4 instances
 
 

@@ -1,4 +1,4 @@
-"""DADA's two-player update of one batch, as one pure, jittable function.
+"""DADA (AAAI 2024) as a method: a two-player game of the embedding network and discriminators.
 
 The official training loop (``main.py`` of Noahsark/DADA), per batch:
 
@@ -18,21 +18,15 @@ BatchNorm is *trained* differs: the official loop moves its running statistics t
 batch (once per forward), here once. Further generator updates (``g_step > 1``) run fresh
 forwards, as the official loop does.
 
-It runs on the *global* batch: call it inside the trainer's data-parallel ``jit`` after the
-embeddings have been gathered (``embed`` may constrain them to the replicated sharding),
-like the other objectives.
-
-The rest of this module puts :func:`dada_update` into the trainer (``proxy_jax.train``):
-a config with a ``dada`` section (:func:`is_dada`) is built by :func:`build` and trained
-by :func:`train_step` (via :func:`make_train_step`), inside the trainer's own loop, mesh,
-checkpoints and evaluation. The train state keeps its fields:
+As a method (:data:`METHOD`, ``config.method = 'dada'``) it owns the ``config.dada``
+section and runs in the trainer's one loop, mesh, checkpoints and evaluation. Its train
+state:
 
 * ``params``: ``{'backbone', 'embedding', 'proxies' [C, D][, 'mix' [1, D]]}`` (the
   generator; ``'mix'`` only for ``mix_mode='individual'``; the model ignores it);
-* ``opt_state``: the generator's optax state (network and proxy optimizers);
-* ``memory`` (the trainer's slot for state a method carries between steps, checkpointed
-  and shape-checked with the rest): the discriminator side, ``{'disc_params':
-  {'disc'[, 'mix' [2D, D]]}, 'disc_batch_stats', 'disc_opt_state'}``.
+* ``opt_state``: the generator's optax state (network and proxy groups);
+* ``extra['discriminators']``: the other player, ``{'params': {'disc'[, 'mix' [2D, D]]},
+  'batch_stats', 'opt_state'}``.
 
 Official schedule (Noahsark/DADA ``main.py``): the three optimizers' StepLR / MultiStepLR
 step once per epoch, but only after both the network warm-up (``--warmup``: backbone
@@ -51,24 +45,22 @@ import ml_collections
 import numpy as np
 import optax
 
-from proxy_jax import config_utils, models, train
-from proxy_jax.objective import Objective
+from proxy_jax import optim
+from proxy_jax.methods.base import Method, Plan, TrainState, forward_global, init_network
 from proxy_jax.regularizers import dada
 
 Array = jax.Array
 
-__all__ = [
-    "dada_update", "dada_config_section", "base_config", "is_dada", "validate", "game_config",
-    "dada_learning_rate_fn", "learning_rates", "make_optimizers", "create_model", "create_dada_state",
-    "make_objective", "build", "DadaPlan", "make_train_step", "train_step",
-]
+__all__ = ["METHOD", "dada_update", "dada_config_section", "game_config", "optimizer_groups",
+           "make_optimizers", "create_dada_state", "DadaPlan", "train_step"]
 
 # Generator parameters that are not the network's.
 _NOT_NET = ("proxies", "mix")
 
 
-def _net(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k not in _NOT_NET}
+def _net(gen_params: dict) -> dict:
+    """The network's part of the generator side: all but 'proxies' and 'mix'."""
+    return {n: v for n, v in gen_params.items() if n not in _NOT_NET}
 
 
 def dada_update(
@@ -264,11 +256,10 @@ def dada_update(
     return gen_params, gen_opt_state, disc_params, stats, disc_opt_state, aux, metrics
 
 
-# =============================================================================== trainer
 # ---------------------------------------------------------------------------- the config
 
 # Schedules of the official trainer (its --scheduler 'step' and 'multi'), or none.
-_SCHEDULES = ("constant", "step_lr", "multistep")
+_SCHEDULES = ("constant", "step_lr", "multistep_lr")
 
 
 def dada_config_section() -> ml_collections.ConfigDict:
@@ -288,7 +279,7 @@ def dada_config_section() -> ml_collections.ConfigDict:
     The rest of a DADA run lives in the usual fields: ``optimizer.backbone_lr`` and
     ``embedding_lr`` [lr], ``optimizer.weight_decay`` [decay], ``optimizer.proxy_lr``
     [loss_adv_proxy_lr 0.04, no weight decay], ``optimizer.eps`` (torch's 1e-8),
-    ``optimizer.warmup_epochs`` [warmup], ``optimizer.schedule`` 'step_lr' / 'multistep'
+    ``optimizer.warmup_epochs`` [warmup], ``optimizer.schedule`` 'step_lr' / 'multistep_lr'
     with ``decay_rate`` [lr_reduce_rate], ``decay_step`` [lr_reduce_step],
     ``decay_epochs`` [lr_reduce_multi_steps], ``data.n_instance`` [samples_per_class],
     ``model.freeze_bn`` ('frozen' in the official arch name). ``loss`` and
@@ -296,7 +287,8 @@ def dada_config_section() -> ml_collections.ConfigDict:
     """
     section = ml_collections.ConfigDict()
     for field in dataclasses.fields(dada.DadaConfig):
-        section[field.name] = field.default
+        value = field.default
+        section[field.name] = tuple(value) if isinstance(value, list) else value
     section.d_step = 3
     section.g_step = 1
     section.d_warmup_epochs = 1
@@ -304,82 +296,6 @@ def dada_config_section() -> ml_collections.ConfigDict:
     section.disc_weight_decay = 1e-4
     section.layer_norm_head = True
     return section
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """A DADA config with every default of the official ``parameters.py``.
-
-    The official run is ``parameters.py`` defaults overridden by one ``configs/*.yaml``;
-    ``configs/dada_*.py`` start here and set what their yaml file sets. Defaults:
-    ``arch=resnet50_frozen_layernorm_double`` (ImageNet ResNet-50, BatchNorm frozen,
-    GAP + GMP summed, Linear to 512 with torch's default init, LayerNorm without affine,
-    no l2 normalization), ``batch_size=90`` of ``samples_per_class=2``, ``n_epochs=50``,
-    Adam (eps 1e-8) ``lr=1e-4``, ``decay=4e-4``, ``warmup=1`` (backbone frozen),
-    ``d_warmup=1``, StepLR ``lr_reduce_step=5``, ``lr_reduce_rate=0.5`` (milestones
-    [20, 45, 70] for 'multi'), proxies at lr 0.04, discriminators at 5e-4 with
-    ``dis_decay=1e-4``, ``d_step=3``, ``g_step=1``, the game of
-    :class:`~proxy_jax.regularizers.dada.DadaConfig`; base augmentation
-    (RandomResizedCrop(224) + flip; test Resize(256) + CenterCrop(224)); evaluation every
-    epoch.
-    """
-    c = config_utils.base_config()
-    c.name = "dada"
-    c.seed = 0
-    c.num_epochs = 50
-    c.log_every_steps = 20
-    c.data.input_size = 224
-    c.data.resize = 256
-    c.data.crop_scale_min = 0.08
-    c.data.batch_size = 90
-    c.data.n_instance = 2
-    c.data.num_workers = 4
-    c.data.eval_batch_size = 90
-
-    c.model.backbone = "resnet50"
-    c.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50
-    c.model.embedding_dim = 512
-    c.model.pooling = "gap+gmp"
-    c.model.l2_normalize = False
-    c.model.freeze_bn = True
-    c.model.freeze_bn_affine = False
-    c.model.embedding_init = "torch_default"
-
-    c.optimizer.name = "adam"
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 4e-4
-    c.optimizer.backbone_lr = 1e-4
-    c.optimizer.embedding_lr = 1e-4
-    c.optimizer.proxy_lr = 0.04
-    c.optimizer.schedule = "step_lr"
-    c.optimizer.decay_rate = 0.5
-    c.optimizer.decay_step = 5
-    c.optimizer.decay_epochs = (20, 45, 70)
-    c.optimizer.warmup_epochs = 1
-
-    c.eval.every_epochs = 1
-    c.eval.nmi = True  # the official F1 comes with the clustering metrics
-    c.dada = dada_config_section()
-    return c
-
-
-def is_dada(config: ml_collections.ConfigDict) -> bool:
-    """Whether ``config`` is a DADA run (it has a ``dada`` section)."""
-    return "dada" in config
-
-
-def _field_type_ok(value, default) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, str):
-        return isinstance(value, str)
-    if isinstance(default, tuple):
-        return isinstance(value, (tuple, list)) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)
-    return True
 
 
 def game_config(config: ml_collections.ConfigDict) -> dada.DadaConfig:
@@ -393,43 +309,16 @@ def game_config(config: ml_collections.ConfigDict) -> dada.DadaConfig:
         raise ValueError(f"config.dada: {e}") from None
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks a DADA config: the trainer's schema, the ``dada`` section, what DADA needs.
-
-    Raises:
-      ValueError: naming the field and what was expected.
-    """
-    if not is_dada(config):
-        raise ValueError("config.dada is missing: a DADA config adds "
-                         "proxy_jax.dada_train.dada_config_section() as config.dada")
-    rest = ml_collections.ConfigDict(config.to_dict())
-    del rest["dada"]
-    config_utils.validate(rest)
-    schema, given = dada_config_section(), config.dada
-    for name in given:
-        if name not in schema:
-            raise ValueError(f"config.dada.{name} is not a field of DADA; known fields are "
-                             f"{sorted(schema)}")
-    for name, default in schema.items():
-        if name not in given:
-            raise ValueError(f"config.dada.{name} is missing; build the section with "
-                             "proxy_jax.dada_train.dada_config_section()")
-        if not _field_type_ok(given[name], default):
-            raise ValueError(f"config.dada.{name} must be of type {type(default).__name__}, "
-                             f"got {given[name]!r}")
+def _validate(config: ml_collections.ConfigDict) -> None:
+    """What DADA needs of a config beyond the trainer's checks; ValueError naming the field."""
     game_config(config)
-    d = config.dada
+    d, o = config.dada, config.optimizer
     for name in ("d_step", "g_step"):
         if d[name] < 1:
             raise ValueError(f"config.dada.{name} must be >= 1, got {d[name]}")
     for name in ("d_warmup_epochs", "disc_lr", "disc_weight_decay"):
         if d[name] < 0:
             raise ValueError(f"config.dada.{name} must be >= 0, got {d[name]}")
-    o = config.optimizer
-    models.get_backbone(config.model.backbone)
-    if config.model.embedding_init not in models.EMBEDDING_INITS:
-        raise ValueError(f"config.model.embedding_init must be one of "
-                         f"{sorted(models.EMBEDDING_INITS)}, got {config.model.embedding_init!r}")
     if o.schedule not in _SCHEDULES:
         raise ValueError(f"config.optimizer.schedule must be one of {list(_SCHEDULES)} for "
                          f"DADA (the official 'step' and 'multi'), got {o.schedule!r}")
@@ -448,61 +337,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if d.pos_class_mix and config.data.n_instance < 2:
         raise ValueError(f"config.data.n_instance must be >= 2 with config.dada.pos_class_mix "
                          f"(it mixes two samples of each class), got {config.data.n_instance}")
+    local = config.data.batch_size // jax.process_count()
+    if d.pos_class_mix and local % config.data.n_instance:
+        raise ValueError(f"DADA with pos_class_mix: each process's slice of the batch "
+                         f"({local} = config.data.batch_size / {jax.process_count()} processes) "
+                         f"must hold whole classes, a multiple of config.data.n_instance "
+                         f"({config.data.n_instance})")
 
 
-# ------------------------------------------------------------------ schedules, optimizers
+# ------------------------------------------------------------------------------ optimizers
 
-def dada_learning_rate_fn(base_lr: float, optimizer_config, *, delay_epochs: int) -> Callable:
-    """Learning rate as a function of the 0-based *epoch* (jittable), official DADA rule.
-
-    The official loop steps ``StepLR`` / ``MultiStepLR`` after each epoch that is past both
-    warm-ups, so at epoch e they have stepped k = max(0, e − ``delay_epochs``) times:
-
-    * 'constant': ``base_lr``;
-    * 'step_lr' (``--scheduler step``): ``base_lr · rate^⌊k / decay_step⌋``;
-    * 'multistep' (``--scheduler multi``): ``base_lr · rate^#{m ∈ decay_epochs : m ≤ k}``.
-    """
-    o = optimizer_config
-    if o.schedule not in _SCHEDULES:
-        raise ValueError(f"config.optimizer.schedule must be one of {list(_SCHEDULES)}, got "
-                         f"{o.schedule!r}")
-    rate, decay_step = o.decay_rate, o.decay_step
-    milestones = tuple(int(m) for m in o.decay_epochs)
-
-    def fn(epoch):
-        k = jnp.maximum(jnp.asarray(epoch, jnp.int32) - delay_epochs, 0)
-        if o.schedule == "constant":
-            n = jnp.zeros((), jnp.int32)
-        elif o.schedule == "step_lr":
-            n = k // decay_step
-        else:
-            n = sum((k >= m).astype(jnp.int32) for m in milestones)
-        return base_lr * jnp.power(jnp.float32(rate), n.astype(jnp.float32))
-    return fn
+def _delay(config) -> int:
+    return max(config.optimizer.warmup_epochs, config.dada.d_warmup_epochs)
 
 
-def learning_rates(config: ml_collections.ConfigDict, step: int, *,
-                   steps_per_epoch: int) -> dict:
-    """The learning rates in force at global ``step`` (host floats, for logging):
-    'lr/backbone', 'lr/embedding', 'lr/proxies' (0 while frozen or in the discriminator
-    warm-up) and 'lr/disc'."""
-    o, d = config.optimizer, config.dada
-    epoch = step // steps_per_epoch
-    delay = max(o.warmup_epochs, d.d_warmup_epochs)
-
-    def lr(base, active=True):
-        return float(dada_learning_rate_fn(base, o, delay_epochs=delay)(epoch)) if active else 0.0
-
-    generator = epoch >= d.d_warmup_epochs
-    return {"lr/backbone": lr(o.backbone_lr, generator and epoch >= o.warmup_epochs),
-            "lr/embedding": lr(o.embedding_lr, generator),
-            "lr/proxies": lr(o.proxy_lr, generator),
-            "lr/disc": lr(d.disc_lr)}
-
-
-def make_optimizers(config: ml_collections.ConfigDict, *, steps_per_epoch: int
-                    ) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
-    """DADA's optimizers: ``(gen_tx, disc_tx)`` for the two parameter sets of :func:`dada_update`.
+def optimizer_groups(config: ml_collections.ConfigDict, *, steps_per_epoch: int
+                     ) -> Tuple[dict, dict]:
+    """DADA's parameter groups: ``(generator groups, discriminator groups)``.
 
     Official (``main.py``, ``criteria/dadaproxy.py``), all ``torch.optim.Adam`` with
     L2 weight decay added to the gradient:
@@ -515,85 +366,95 @@ def make_optimizers(config: ml_collections.ConfigDict, *, steps_per_epoch: int
     * 'disc': lr ``dada.disc_lr``, decay ``dada.disc_weight_decay``; a 'linear' 'mix':
       lr ``dada.disc_lr``, no decay (the official discriminator optimizer).
 
-    Every group follows :func:`dada_learning_rate_fn` of the epoch. optax schedules see
-    their own update count, not the trainer's step, so it is mapped back: the
-    discriminators are updated ``d_step`` times every batch, the generator ``g_step``
-    times every batch from epoch ``d_warmup_epochs`` on. The backbone's freeze is counted
-    in generator updates for the same reason.
+    optax counts a group's own updates, not the trainer's steps, so each group maps them
+    back: the discriminators are updated ``d_step`` times every step, the generator
+    ``g_step`` times every step from epoch ``d_warmup_epochs`` on. The backbone's freeze
+    is counted in generator updates for the same reason.
     """
     o, d = config.optimizer, config.dada
     spe, d_step, g_step, d_warmup = steps_per_epoch, d.d_step, d.g_step, d.d_warmup_epochs
-    delay = max(o.warmup_epochs, d_warmup)
 
-    def gen_epoch(count):  # generator update number -> epoch
-        return (d_warmup * spe + count // g_step) // spe
+    def gen_step(count):  # generator update number -> trainer step
+        return d_warmup * spe + count // g_step
 
-    def disc_epoch(count):  # discriminator update number -> epoch
-        return count // d_step // spe
+    def disc_step(count):  # discriminator update number -> trainer step
+        return count // d_step
 
-    def group(lr, decay, epoch_of, freeze_updates=0):
-        core = optax.scale_by_adam(eps=o.eps)
-        if decay:
-            core = optax.chain(optax.add_decayed_weights(decay), core)
-        if freeze_updates > 0:
-            core = train.freeze_until(core, freeze_updates)
-        schedule = dada_learning_rate_fn(lr, o, delay_epochs=delay)
-        return optax.chain(core, optax.scale_by_learning_rate(lambda c: schedule(epoch_of(c))))
-
-    frozen_updates = max(0, o.warmup_epochs - d_warmup) * spe * g_step
-    gen_tx = optax.multi_transform({
-        "backbone": group(o.backbone_lr, o.weight_decay, gen_epoch, frozen_updates),
-        "embedding": group(o.embedding_lr, o.weight_decay, gen_epoch),
-        "proxies": group(o.proxy_lr, 0.0, gen_epoch),
-        "mix": group(d.disc_lr, 0.0, gen_epoch),
-    }, _top_level_labels)
-    disc_tx = optax.multi_transform({
-        "disc": group(d.disc_lr, d.disc_weight_decay, disc_epoch),
-        "mix": group(d.disc_lr, 0.0, disc_epoch),
-    }, _top_level_labels)
-    return gen_tx, disc_tx
+    frozen = max(0, o.warmup_epochs - d_warmup) * spe * g_step
+    start = d_warmup * spe
+    gen = {"backbone": optim.Group(o.backbone_lr, o.weight_decay, frozen, gen_step, start),
+           "embedding": optim.Group(o.embedding_lr, o.weight_decay, 0, gen_step, start),
+           "proxies": optim.Group(o.proxy_lr, 0.0, 0, gen_step, start),
+           "mix": optim.Group(d.disc_lr, 0.0, 0, gen_step, start)}
+    disc = {"disc": optim.Group(d.disc_lr, d.disc_weight_decay, 0, disc_step),
+            "mix": optim.Group(d.disc_lr, 0.0, 0, disc_step)}
+    return gen, disc
 
 
-def _top_level_labels(params: dict) -> dict:
-    return {name: name for name in params}  # a prefix of the parameter tree
+def make_optimizers(config: ml_collections.ConfigDict, gen_params: dict, disc_params: dict, *,
+                    steps_per_epoch: int
+                    ) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """``(gen_tx, disc_tx)`` for the two parameter sets of :func:`dada_update`."""
+    gen, disc = optimizer_groups(config, steps_per_epoch=steps_per_epoch)
+
+    def tx(groups, params):
+        return optim.make_optimizer(config.optimizer, groups, optim.param_labels(params),
+                                    steps_per_epoch=steps_per_epoch, delay_epochs=_delay(config))
+    return tx(gen, gen_params), tx(disc, disc_params)
 
 
-# ----------------------------------------------------------------- model, state, objective
+def learning_rates(config: ml_collections.ConfigDict, step: int, *,
+                   steps_per_epoch: int) -> dict:
+    """The learning rates in force at trainer ``step`` (host floats, for logging):
+    'lr/backbone', 'lr/embedding', 'lr/proxies' (0 while frozen or in the discriminator
+    warm-up) and 'lr/disc'."""
+    gen, disc = optimizer_groups(config, steps_per_epoch=steps_per_epoch)
+    groups = {n: gen[n] for n in ("backbone", "embedding", "proxies")}
+    groups["disc"] = disc["disc"]
+    return optim.learning_rates(
+        config.optimizer, groups, step, steps_per_epoch=steps_per_epoch,
+        delay_epochs=_delay(config),
+        frozen_until={"backbone": config.optimizer.warmup_epochs * steps_per_epoch})
 
-def create_model(config: ml_collections.ConfigDict) -> models.EmbeddingModel:
-    """The embedding network of a DADA config (LayerNorm head if ``dada.layer_norm_head``)."""
-    return train.create_model(config, layer_norm=config.dada.layer_norm_head)
+
+# ------------------------------------------------------------------------- state, plan
+
+class DadaPlan(NamedTuple):
+    """What :func:`train_step` needs besides the network and its optimizer (static)."""
+
+    discriminators: dada.DadaDiscriminators
+    disc_tx: optax.GradientTransformation
+    game: dada.DadaConfig
+    d_step: int
+    g_step: int
+    d_warmup_epochs: int
+    num_pairs: Optional[int]
 
 
 def create_dada_state(config: ml_collections.ConfigDict, model, *, num_classes: int,
                       steps_per_epoch: int
-                      ) -> Tuple[train.TrainState, optax.GradientTransformation]:
-    """The initial DADA train state (layout in the module docstring) and ``gen_tx``.
+                      ) -> Tuple[TrainState, optax.GradientTransformation, DadaPlan]:
+    """The initial DADA train state (layout in the module docstring), ``gen_tx`` and the plan.
 
-    Network as the trainer initialises it (pretrained backbone if configured), proxies
+    Network as every method initialises it (pretrained backbone if configured), proxies
     N(0, 1)/8 (:func:`~proxy_jax.regularizers.dada.init_dada_proxies`), discriminators
     with PyTorch's default initialisation, a learned mix weight xavier-uniform.
     """
     game = game_config(config)
-    dim, size = config.model.embedding_dim, config.data.input_size
+    dim = config.model.embedding_dim
     discriminators = dada.make_discriminators(game, num_classes=num_classes)
-    gen_tx, disc_tx = make_optimizers(config, steps_per_epoch=steps_per_epoch)
+    k_model, k_proxies, k_disc, k_mix, k_train = jax.random.split(
+        jax.random.PRNGKey(config.seed), 5)
+    variables = init_network(config, model, k_model)
 
     @jax.jit  # one compilation for every initialiser (eagerly, each op compiles alone)
-    def initial(key):
-        k_model, k_proxies, k_disc, k_mix, k_train = jax.random.split(key, 5)
-        variables = model.init(k_model, jnp.zeros((1, size, size, 3), jnp.float32),
-                               train=False)
+    def initial(k_proxies, k_disc, k_mix):
         x = jnp.zeros((2, dim), jnp.float32)
-        disc_variables = discriminators.init(k_disc, x, x, x, x, train=False)
-        return (variables, dada.init_dada_proxies(k_proxies, num_classes, dim), disc_variables,
-                dada.init_mix_weight(k_mix, mode=game.mix_mode, dim=dim), k_train)
+        return (dada.init_dada_proxies(k_proxies, num_classes, dim),
+                discriminators.init(k_disc, x, x, x, x, train=False),
+                dada.init_mix_weight(k_mix, mode=game.mix_mode, dim=dim))
 
-    variables, proxies, disc_variables, mix, k_train = initial(jax.random.PRNGKey(config.seed))
-    variables = dict(variables)
-    if config.model.pretrained:
-        variables = models.load_pretrained(variables, config.model.pretrained,
-                                           config.model.backbone)
+    proxies, disc_variables, mix = initial(k_proxies, k_disc, k_mix)
     params = dict(variables["params"])
     params["proxies"] = proxies
     disc_params = {"disc": disc_variables["params"]}
@@ -601,16 +462,21 @@ def create_dada_state(config: ml_collections.ConfigDict, model, *, num_classes: 
         params["mix"] = mix
     elif game.mix_mode == "linear":
         disc_params["mix"] = mix
+    gen_tx, disc_tx = make_optimizers(config, params, disc_params,
+                                      steps_per_epoch=steps_per_epoch)
     gen_opt_state, disc_opt_state = jax.jit(lambda p, d: (gen_tx.init(p), disc_tx.init(d)))(
         params, disc_params)
-    memory = {"disc_params": disc_params,
-              "disc_batch_stats": disc_variables.get("batch_stats", {}),
-              "disc_opt_state": disc_opt_state}
-    state = train.TrainState(
+    discriminator_state = {"params": disc_params,
+                           "batch_stats": disc_variables.get("batch_stats", {}),
+                           "opt_state": disc_opt_state}
+    state = TrainState(
         step=jnp.zeros([], jnp.int32), params=params,
         batch_stats=variables.get("batch_stats", {}), opt_state=gen_opt_state,
-        memory=memory, key=k_train)
-    return state, gen_tx
+        extra={"discriminators": discriminator_state}, key=k_train)
+    d = config.dada
+    plan = DadaPlan(discriminators, disc_tx, game, int(d.d_step), int(d.g_step),
+                    int(d.d_warmup_epochs), _num_pairs(config))
+    return state, gen_tx, plan
 
 
 def _num_pairs(config) -> Optional[int]:
@@ -619,15 +485,10 @@ def _num_pairs(config) -> Optional[int]:
     return config.data.batch_size // config.data.n_instance
 
 
-def make_objective(config: ml_collections.ConfigDict) -> Objective:
-    """The trainer's :class:`~proxy_jax.objective.Objective` slot for a DADA run.
-
-    Its ``check_batch`` is DADA's batch contract, checked on the host before each step:
-    with ``pos_class_mix`` every batch must hold ``batch // n_instance`` classes of two or
-    more samples (the official ``pair_count``; the compiled step needs it as a constant).
-    Its ``loss_fn`` refuses to run: a DADA run trains with :func:`train_step`, not with
-    ``proxy_jax.train.train_step`` and one loss.
-    """
+def _batch_check(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], None]:
+    """DADA's batch contract, checked on the host before each step: with ``pos_class_mix``
+    every batch holds ``batch // n_instance`` classes of two or more samples (the official
+    ``pair_count``; the compiled step needs it as a constant)."""
     num_pairs = _num_pairs(config)
     if num_pairs is not None:  # each process checks its slice, which holds whole classes
         num_pairs //= jax.process_count()
@@ -642,75 +503,30 @@ def make_objective(config: ml_collections.ConfigDict) -> Objective:
                 f"DADA with pos_class_mix needs batches of {num_pairs} classes with two or "
                 f"more samples each (config.data.batch_size // config.data.n_instance), got "
                 f"{found}; use the class-balanced sampler (config.data.n_instance >= 2)")
-
-    def loss_fn(*args, **kwargs):
-        raise ValueError("a DADA config trains with proxy_jax.dada_train.train_step "
-                         "(make_train_step), not with proxy_jax.train.train_step")
-
-    return Objective(loss_fn, True, None, check_batch)
+    return check_batch
 
 
-def build(config: ml_collections.ConfigDict):
-    """``proxy_jax.train``'s run description (``train._Run``) of a DADA config.
-
-    Same mesh, data, sampler and step counts as any run; the DADA model, state, generator
-    optimizer and objective slot.
-    """
-    validate(config)
-    train.check_input_files(config)
-    mesh = train.make_mesh(config.num_devices)
-    train.check_batch_size(config, mesh)
-    local = config.data.batch_size // jax.process_count()
-    if config.dada.pos_class_mix and local % config.data.n_instance:
-        raise ValueError(f"DADA with pos_class_mix: each process's slice of the batch "
-                         f"({local} = config.data.batch_size / {jax.process_count()} processes) "
-                         f"must hold whole classes, a multiple of config.data.n_instance "
-                         f"({config.data.n_instance})")
-    data = train.load_data(config)
-    sampler = train.make_train_sampler(config, data.train)
-    steps_per_epoch = train.steps_per_epoch_of(config, sampler)
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else config.num_epochs * steps_per_epoch)
-    model = create_model(config)
-    state, gen_tx = create_dada_state(config, model, num_classes=data.num_classes,
-                                      steps_per_epoch=steps_per_epoch)
-    return train._Run(config, mesh, data, model, make_objective(config), gen_tx,
-                      train.replicate(state, mesh), sampler, steps_per_epoch, total_steps)
+def _setup(config: ml_collections.ConfigDict, model, *, num_classes: int,
+           steps_per_epoch: int) -> Plan:
+    state, gen_tx, plan = create_dada_state(config, model, num_classes=num_classes,
+                                            steps_per_epoch=steps_per_epoch)
+    step_fn = functools.partial(train_step, model=model, tx=gen_tx,
+                                steps_per_epoch=steps_per_epoch,
+                                freeze_bn=config.model.freeze_bn, plan=plan)
+    return Plan(state=state, step_fn=step_fn,
+                learning_rates=functools.partial(learning_rates, config,
+                                                 steps_per_epoch=steps_per_epoch),
+                check_batch=_batch_check(config), describe={"method": "dada"})
 
 
 # ------------------------------------------------------------------------------ the step
 
-class DadaPlan(NamedTuple):
-    """What :func:`train_step` needs besides the trainer's arguments (static)."""
-
-    discriminators: dada.DadaDiscriminators
-    disc_tx: optax.GradientTransformation
-    game: dada.DadaConfig
-    d_step: int
-    g_step: int
-    d_warmup_epochs: int
-    num_pairs: Optional[int]
-
-
-def make_train_step(config: ml_collections.ConfigDict, *, num_classes: int,
-                    steps_per_epoch: int) -> Callable:
-    """:func:`train_step` with the DADA plan of ``config`` bound: it takes the trainer's
-    arguments, ``(state, batch, *, model, tx, objective, steps_per_epoch, freeze_bn,
-    replicated)``, so that ``train.parallelize`` wraps it like ``train.train_step``."""
-    game = game_config(config)
-    _, disc_tx = make_optimizers(config, steps_per_epoch=steps_per_epoch)
-    d = config.dada
-    plan = DadaPlan(dada.make_discriminators(game, num_classes=num_classes), disc_tx, game,
-                    int(d.d_step), int(d.g_step), int(d.d_warmup_epochs), _num_pairs(config))
-    return functools.partial(train_step, plan=plan)
-
-
-def train_step(state: train.TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
-               objective: Objective, steps_per_epoch: int, freeze_bn: bool,
-               replicated=None, plan: DadaPlan) -> Tuple[train.TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
+               steps_per_epoch: int, freeze_bn: bool, plan: DadaPlan,
+               replicated=None) -> Tuple[TrainState, dict]:
     """One DADA batch on the global batch: ``d_step`` discriminator updates, then (after
-    the discriminator warm-up) ``g_step`` generator updates; pure, jit it with
-    ``train.parallelize`` (as ``proxy_jax.train.train_step``).
+    the discriminator warm-up) ``g_step`` generator updates; pure (the trainer jits it with
+    ``parallel.parallelize``).
 
     The network runs sharded over the mesh; its embeddings are gathered (``replicated``)
     before the game, so the discriminators' BatchNorm statistics, the mixups and the proxy
@@ -720,36 +536,40 @@ def train_step(state: train.TrainState, batch: dict, *, model, tx: optax.Gradien
       state: the DADA train state (see the module docstring), replicated.
       batch: {'image': float32 [B, H, W, 3], 'label': int32 [B]} (B global, sharded).
       tx: the generator optimizer (:func:`make_optimizers`).
-      objective: unused (the trainer passes its objective slot).
-      plan: the :class:`DadaPlan` (:func:`make_train_step` binds it).
+      plan: the :class:`DadaPlan`.
 
     Returns:
       The new state and float32 scalar metrics: those of :func:`dada_update`, 'loss' (the
       generator objective; the discriminators' during the warm-up or when theirs is not
       finite, so that the trainer's NaN stop watches both players) and 'param_norm'.
     """
-    del objective
     key = jax.random.fold_in(state.key, state.step)
     update_generator = (True if plan.d_warmup_epochs == 0 else  # static: no selection
                         state.step // steps_per_epoch >= plan.d_warmup_epochs)
 
     def embed(net_params):
-        return train.forward_global(model, net_params, state.batch_stats, batch["image"],
-                                    freeze_bn=freeze_bn, replicated=replicated)
+        return forward_global(model, net_params, state.batch_stats, batch["image"],
+                              freeze_bn=freeze_bn, replicated=replicated)
 
-    side = state.memory
+    side = state.extra["discriminators"]
     (params, opt_state, disc_params, disc_stats, disc_opt_state, batch_stats,
      metrics) = dada_update(
-        embed, state.params, state.opt_state, side["disc_params"], side["disc_batch_stats"],
-        side["disc_opt_state"], batch["label"], key, gen_tx=tx, disc_tx=plan.disc_tx,
+        embed, state.params, state.opt_state, side["params"], side["batch_stats"],
+        side["opt_state"], batch["label"], key, gen_tx=tx, disc_tx=plan.disc_tx,
         discriminators=plan.discriminators, config=plan.game, d_step=plan.d_step,
         g_step=plan.g_step, update_generator=update_generator, num_pairs=plan.num_pairs)
     use_gen = update_generator & jnp.isfinite(metrics["dis_loss"])
     metrics = {**metrics,
                "loss": jnp.where(use_gen, metrics["gen_loss"], metrics["dis_loss"]),
                "param_norm": optax.global_norm(params)}
-    memory = {"disc_params": disc_params, "disc_batch_stats": disc_stats,
-              "disc_opt_state": disc_opt_state}
+    extra = {"discriminators": {"params": disc_params, "batch_stats": disc_stats,
+                                "opt_state": disc_opt_state}}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, memory=memory)
+                              opt_state=opt_state, extra=extra)
     return new_state, metrics
+
+
+METHOD = Method(
+    name="dada", sections=lambda: {"dada": dada_config_section()}, validate=_validate,
+    model_overrides=lambda config: {"layer_norm": config.dada.layer_norm_head}, setup=_setup,
+    legacy_slot=None)  # its optimizer state's layout changed with the one optimizer builder

@@ -30,7 +30,7 @@ from proxy_jax.regularizers.memvir import (
     memvir_virtual,
 )
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 BASE = {"norm_softmax": norm_softmax, "proxy_nca": proxy_nca}
 FUSED = {"norm_softmax": memvir_norm_softmax, "proxy_nca": memvir_proxy_nca}
 

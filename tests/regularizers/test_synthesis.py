@@ -22,7 +22,7 @@ from jax.test_util import check_grads
 from proxy_jax import losses
 from proxy_jax.regularizers import distinct_neighbours, proxy_synthesis
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "ps_official.npz"
+FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "ps_official.npz"
 CASES = [
     "norm_softmax_mu1",
     "norm_softmax_mu05",

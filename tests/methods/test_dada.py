@@ -1,50 +1,32 @@
-"""proxy_jax.dada_train in the trainer: the LayerNorm head, the official schedules of the
-three optimizers, the DADA step on 1 and 8 devices, exact resume through the trainer's loop
-and checkpoints, and the configs against the official yaml files (one step of every config
-on tiny shapes runs in tests/test_configs.py, through train.step_function)."""
+"""DADA as a method of the trainer (proxy_jax.methods.dada): the LayerNorm head, the official
+schedules of the three optimizers, the DADA step on 1 and 8 devices, exact resume through
+the trainer's loop and checkpoints, and the configs against the official yaml files (one
+step of every config on tiny shapes runs in tests/test_configs.py)."""
 
 import bisect
-import os
+import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proxy_jax import checkpoints, config_utils, dada_train, models, train
+from configs import dada_base
+from proxy_jax import checkpoints, config_utils, methods, models, optim, parallel, train
+from proxy_jax.methods import dada as dada_method
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DADA_CONFIGS = ("dada_cub200", "dada_cars196", "dada_sop", "dada_inshop")
 
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
-def tiny_config(name, root, **changes):
-    """The config ``name`` with its real game, optimizers, schedule, warm-ups and BatchNorm
-    mode; only the network (tiny_cnn, D = 8) and the data (16 px, batch 8) shrink."""
-    c = config_utils.load_config_file(os.path.join(REPO, "configs", name + ".py"))
-    c.data.dataset, c.data.root = "folder", root
-    c.data.input_size = c.data.resize = 16
-    c.data.batch_size = 8
-    c.data.eval_batch_size = 16
-    c.data.num_workers = 0
-    c.model.backbone, c.model.pretrained = "tiny_cnn", ""
-    c.model.embedding_dim = 8
-    c.num_devices = 1
-    c.log_every_steps = 1
-    c.eval.nmi = False
-    c.eval.num_queries = 0
-    c.eval.map_points = 0
-    return config_utils.override(c, changes)
-
-
-def _step_fn(run):
-    fn = dada_train.make_train_step(run.config, num_classes=run.data.num_classes,
-                                    steps_per_epoch=run.steps_per_epoch)
-    return train.parallelize(fn, run.mesh, model=run.model, tx=run.tx, objective=run.objective,
-                             steps_per_epoch=run.steps_per_epoch,
-                             freeze_bn=run.config.model.freeze_bn)
+@pytest.fixture
+def dada_config(tiny_config):
+    """``make(name, root, **changes)``: the DADA config ``name`` with its real game,
+    optimizers, schedule, warm-ups and BatchNorm mode on one device; only the network and
+    the data shrink (conftest's ``tiny_config``)."""
+    return lambda name, root, **changes: tiny_config(root, name, num_devices=1, **changes)
 
 
 # ---------------------------------------------------------------------------- the head
@@ -90,9 +72,9 @@ def _official_lrs(base, epochs, *, kind, warmup, d_warmup, step=1, rate=0.5, mil
     return np.asarray(lrs)
 
 
-@pytest.mark.parametrize("kind", ["step_lr", "multistep"])
+@pytest.mark.parametrize("kind", ["step_lr", "multistep_lr"])
 def test_three_optimizers_follow_the_official_schedules_and_warm_ups(kind):
-    c = dada_train.base_config()
+    c = dada_base.get_config()  # the official parameters.py defaults (Adam eps 1e-8)
     c.optimizer.schedule, c.optimizer.decay_step, c.optimizer.decay_epochs = kind, 1, (1, 3)
     c.optimizer.warmup_epochs, c.dada.d_warmup_epochs = 3, 1
     c.dada.d_step, c.dada.g_step = 2, 2
@@ -100,9 +82,9 @@ def test_three_optimizers_follow_the_official_schedules_and_warm_ups(kind):
     c.optimizer.backbone_lr = c.optimizer.embedding_lr = 0.1
     c.optimizer.proxy_lr, c.dada.disc_lr = 0.4, 0.2
     spe, epochs = 3, 7
-    gen_tx, disc_tx = dada_train.make_optimizers(c, steps_per_epoch=spe)
     gen = {"backbone": jnp.zeros(1), "embedding": jnp.zeros(1), "proxies": jnp.zeros(1)}
     disc = {"disc": jnp.zeros(1)}
+    gen_tx, disc_tx = dada_method.make_optimizers(c, gen, disc, steps_per_epoch=spe)
     gen_state, disc_state = gen_tx.init(gen), disc_tx.init(disc)
     ones = lambda tree: jax.tree.map(jnp.ones_like, tree)  # noqa: E731
     seen = {k: np.zeros(epochs) for k in ("backbone", "embedding", "proxies", "disc")}
@@ -130,37 +112,42 @@ def test_three_optimizers_follow_the_official_schedules_and_warm_ups(kind):
     backbone[:3] = 0.0  # frozen for warmup = 3 epochs (the first one is the d_warmup too)
     np.testing.assert_allclose(seen["backbone"], backbone, rtol=1e-4)
     # The logged rates are the applied ones.
-    logged = [dada_train.learning_rates(c, e * spe, steps_per_epoch=spe) for e in range(epochs)]
+    logged = [dada_method.learning_rates(c, e * spe, steps_per_epoch=spe) for e in range(epochs)]
     for k in seen:
         np.testing.assert_allclose([r[f"lr/{k}"] for r in logged], seen[k], rtol=1e-4)
+    # The one schedule function of every method, delayed by both warm-ups, is the official
+    # rule at every step of every epoch (the scheduler steps between epochs only).
+    fn = optim.learning_rate_fn(0.2, c.optimizer, spe, delay_epochs=3)
+    np.testing.assert_allclose([float(fn(s)) for s in range(epochs * spe)],
+                               np.repeat(_official_lrs(0.2, epochs, **kw), spe), rtol=1e-6)
 
 
 # ------------------------------------------------------------- device-count invariance
 
 def _run_steps(run, num_devices, num_steps=2):
     """``num_steps`` DADA steps from ``run.state`` on fixed global batches, ``num_devices``."""
-    mesh = train.make_mesh(num_devices)
-    state = train.replicate(jax.device_get(run.state), mesh)
-    step = _step_fn(run._replace(mesh=mesh))
+    mesh = parallel.make_mesh(num_devices)
+    state = parallel.replicate(jax.device_get(run.state), mesh)
+    step = parallel.parallelize(run.plan.step_fn, mesh)
     rng = np.random.default_rng(0)
     history = []
     for _ in range(num_steps):
         classes = rng.permutation(4)
         batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
                  "label": np.repeat(classes, 2).astype(np.int32)}
-        run.objective.check_batch(batch["label"])
-        state, metrics = step(state, train.shard_batch(batch, mesh))
+        run.plan.check_batch(batch["label"])
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
         history.append(jax.device_get(metrics))
     return history, jax.device_get(state)
 
 
-def test_dada_step_is_independent_of_the_device_count(tiny_root):
+def test_dada_step_is_independent_of_the_device_count(tiny_root, dada_config):
     # Adam eps 0.01 as in the trainer's own device test: with torch's 1e-8, Adam's first
     # step is ±lr for any non-zero gradient, and gradients that are ~0 (summed in another
     # order on 8 devices) would flip whole steps. One epoch = one step: step 0 is the
     # discriminator warm-up, step 1 a full DADA step.
-    config = tiny_config("dada_cub200", tiny_root, steps_per_epoch=1, **{"optimizer.eps": 0.01})
-    run = dada_train.build(config)
+    config = dada_config("dada_cub200", tiny_root, steps_per_epoch=1, **{"optimizer.eps": 0.01})
+    run = train.build(config)
     initial = jax.device_get(run.state)
     one, state_1 = _run_steps(run, 1)
     eight, state_8 = _run_steps(run, 8)
@@ -174,8 +161,8 @@ def test_dada_step_is_independent_of_the_device_count(tiny_root):
         for k in a:
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
     leaves_1 = jax.tree_util.tree_leaves_with_path(
-        (state_1.params, state_1.batch_stats, state_1.memory))
-    leaves_8 = jax.tree.leaves((state_8.params, state_8.batch_stats, state_8.memory))
+        (state_1.params, state_1.batch_stats, state_1.extra))
+    leaves_8 = jax.tree.leaves((state_8.params, state_8.batch_stats, state_8.extra))
     for (path, a), b in zip(leaves_1, leaves_8):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
@@ -183,8 +170,8 @@ def test_dada_step_is_independent_of_the_device_count(tiny_root):
                                          state_1.params, initial.params))
     assert max(moved) > 0.0
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
-                                         state_1.memory["disc_params"],
-                                         initial.memory["disc_params"]))
+                                         state_1.extra["discriminators"]["params"],
+                                         initial.extra["discriminators"]["params"]))
     assert max(moved) > 0.0
 
 
@@ -199,11 +186,11 @@ def _latest(workdir, run):
     return jax.device_get(state), record
 
 
-def test_resumed_dada_run_equals_uninterrupted(tiny_root, tmp_path):
+def test_resumed_dada_run_equals_uninterrupted(tiny_root, tmp_path, dada_config):
     # 3 steps per epoch, stopped mid-epoch 1 (after the discriminator warm-up): the
     # discriminators, their BatchNorm statistics and optimizer, the generator optimizer, the
     # key and the loader position must all come back.
-    config = tiny_config("dada_cub200", tiny_root, num_train_steps=5, steps_per_epoch=3,
+    config = dada_config("dada_cub200", tiny_root, num_train_steps=5, steps_per_epoch=3,
                          **{"eval.every_epochs": 100})
     short = config.copy_and_resolve_references()
     short.num_train_steps = 4
@@ -212,10 +199,11 @@ def test_resumed_dada_run_equals_uninterrupted(tiny_root, tmp_path):
     resumed = train.train_and_evaluate(config, interrupted)
     uninterrupted = train.train_and_evaluate(config, straight)
     assert resumed["step"] == uninterrupted["step"] == 5
-    run = train._build(config)
+    run = train.build(config)
     a, record = _latest(interrupted, run)
     b, _ = _latest(straight, run)
-    assert record["step"] == 5 and "memory/disc_params/disc/domain/fc1/kernel" in record["shapes"]
+    assert record["step"] == 5
+    assert "extra/discriminators/params/disc/domain/fc1/kernel" in record["shapes"]
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
     assert resumed["recall@1"] == pytest.approx(uninterrupted["recall@1"])
@@ -281,8 +269,8 @@ YAML = {
 def test_dada_config_reproduces_the_official_yaml(name):
     """Every official flag of parameters.py + the yaml lands in the config. (One training
     step of every config on tiny shapes runs in tests/test_configs.py.)"""
-    config = config_utils.load_config_file(os.path.join(REPO, "configs", name + ".py"))
-    dada_train.validate(config)
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config_utils.validate(config)
     official = {**DEFAULTS, **YAML[name]}
     for flag, path in FLAGS.items():
         node = config
@@ -292,7 +280,7 @@ def test_dada_config_reproduces_the_official_yaml(name):
     assert config.optimizer.embedding_lr == official["lr"]  # one model group at lr
     assert tuple(config.dada.class_hidden_dims) == (official["fc_fc1_dim"],
                                                     official["fc_fc2_dim"])
-    assert config.optimizer.schedule == {"step": "step_lr", "multi": "multistep"}[
+    assert config.optimizer.schedule == {"step": "step_lr", "multi": "multistep_lr"}[
         official["scheduler"]]
     if official["scheduler"] == "step":
         assert config.optimizer.decay_step == official["lr_reduce_step"]
@@ -304,32 +292,40 @@ def test_dada_config_reproduces_the_official_yaml(name):
     assert config.optimizer.eps == 1e-8 and config.optimizer.name == "adam"
 
 
-def test_plain_train_step_refuses_a_dada_run(tiny_root):
-    objective = dada_train.make_objective(tiny_config("dada_cars196", tiny_root))
-    with pytest.raises(ValueError, match="dada_train.train_step"):
-        objective.loss_fn(jnp.zeros((8, 8)), jnp.zeros(8, jnp.int32), None, key=None,
-                              memory={}, epoch=0)
+def test_a_dada_config_trains_with_the_dada_step(tiny_root, dada_config):
+    # config.method routes a DADA config to DADA's step, state and batch check (the plain
+    # proxy step, with one loss, never sees it).
+    run = train.build(dada_config("dada_cars196", tiny_root))
+    assert run.method is methods.get_method("dada") is dada_method.METHOD
+    assert run.plan.step_fn.func is dada_method.train_step
+    assert run.plan.describe == {"method": "dada"}
+    assert set(run.state.extra) == {"discriminators"}
+    assert set(run.state.extra["discriminators"]) == {"params", "batch_stats", "opt_state"}
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"dada.dis_mode": "l2"}, r"config.dada: dis_mode must be one of"),
     ({"dada.d_step": 0}, r"config.dada.d_step must be >= 1"),
     ({"optimizer.schedule": "step_decay"}, r"config.optimizer.schedule must be one of"),
+    # MXNet's iteration-level rule (Embedding Expansion), not torch's MultiStepLR:
+    ({"optimizer.schedule": "multistep"}, r"config.optimizer.schedule must be one of"),
     ({"data.n_instance": 1}, r"config.data.n_instance must be >= 2"),
     ({"optimizer.name": "adamw"}, r"config.optimizer.name must be 'adam'"),
-    ({"data.batch_size": 0}, r"config.data.batch_size must be > 0"),
+    ({"data.batch_size": 0}, r"config.data.batch_size must be >= 1"),
 ])
-def test_validate_names_the_bad_field(changes, message, tiny_root):
+def test_validate_names_the_bad_field(changes, message, tiny_root, dada_config):
     with pytest.raises(ValueError, match=message):
-        dada_train.validate(tiny_config("dada_cub200", tiny_root, **changes))
-    config = tiny_config("dada_cub200", tiny_root)
-    config.dada.mix_rate = 0.5
-    with pytest.raises(ValueError, match=r"config.dada.mix_rate is not a field"):
-        dada_train.validate(config)
+        config_utils.validate(dada_config("dada_cub200", tiny_root, **changes))
+    # An unknown field is refused by the locked config itself, naming the key.
+    config = dada_config("dada_cub200", tiny_root)
+    with pytest.raises(AttributeError, match="mix_rate"):
+        config.dada.mix_rate = 0.5
+    with pytest.raises(KeyError, match="mix_rate"):
+        config.update_from_flattened_dict({"dada.mix_rate": 0.5})
 
 
-def test_batch_contract_of_pos_class_mix_is_checked_on_the_host(tiny_root):
-    objective = dada_train.make_objective(tiny_config("dada_cub200", tiny_root))
-    objective.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 2]))
+def test_batch_contract_of_pos_class_mix_is_checked_on_the_host(tiny_root, dada_config):
+    run = train.build(dada_config("dada_cub200", tiny_root))
+    run.plan.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 2]))
     with pytest.raises(ValueError, match="needs batches of 4 classes with two or more"):
-        objective.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 1]))
+        run.plan.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 1]))

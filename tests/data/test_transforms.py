@@ -15,9 +15,9 @@ F = pytest.importorskip("torchvision.transforms.functional")
 
 from proxy_jax.data import transforms as T  # noqa: E402
 
-IMAGENET = T.Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bgr=False,
+IMAGENET = T.InputNormalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bgr=False,
                            scale=1.0 / 255.0)
-BN_INCEPTION = T.Normalization(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), bgr=True, scale=1.0)
+BN_INCEPTION = T.InputNormalization(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), bgr=True, scale=1.0)
 
 
 def _image(width, height, seed=0, mode="RGB"):
@@ -154,14 +154,15 @@ def test_normalize_equals_to_tensor_normalize():
 
 
 def test_models_input_normalization_and_jax_arrays():
-    # The models' InputNormalization NamedTuple is used as is (duck-typed), and normalize
-    # runs unchanged on jax arrays (normalizing on the device).
+    # A backbone's normalization is the data layer's InputNormalization with its weights'
+    # values, and normalize runs unchanged on jax arrays (normalizing on the device).
     import jax.numpy as jnp
     from proxy_jax.models.normalization import input_normalization
 
     pixels = T.to_uint8_array(_image(20, 10))[None]
     for backbone, reference in [("resnet50", IMAGENET), ("bn_inception", BN_INCEPTION)]:
         norm = input_normalization(backbone)
+        assert isinstance(norm, T.InputNormalization) and norm == reference
         np.testing.assert_allclose(T.normalize(pixels, norm), T.normalize(pixels, reference),
                                    rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(np.asarray(T.normalize(jnp.asarray(pixels), norm)),

@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 from proxy_jax.data.pipeline import DatasetItemError, make_loader
-from proxy_jax.data.samplers import ClassBalancedSampler, DistinctNeighbourSampler, ShuffleSampler
-from proxy_jax.data.transforms import UNIT_RANGE, Normalization, eval_transform, normalize, train_transform
+from proxy_jax.data.samplers import ClassBalancedSampler, ShuffleSampler
+from proxy_jax.data.transforms import UNIT_RANGE, InputNormalization, eval_transform, normalize, train_transform
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NORM = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bgr=False, scale=1 / 255)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NORM = InputNormalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), bgr=False, scale=1 / 255)
 
 
 class ArrayDataset:
@@ -92,7 +92,7 @@ def test_resume_restores_exactly_with_workers():
     # Consume k batches, save the state, restore it in a fresh loader (another worker
     # count): the next batches are the ones the first loader went on to produce.
     ds = ArrayDataset()
-    sampler = DistinctNeighbourSampler(ShuffleSampler(len(ds)), ds.targets)
+    sampler = ShuffleSampler(len(ds))
     kwargs = dict(batch_size=8, sampler=sampler, transform=train_transform(12, NORM), seed=3)
     with make_loader(ds, num_workers=2, **kwargs) as first:
         head = _take(first, 5)  # crosses the epoch boundary (4 batches per epoch)
