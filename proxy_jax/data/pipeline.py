@@ -36,6 +36,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import traceback
 import weakref
 from typing import Any, Optional
@@ -306,8 +307,6 @@ def _init_worker(worker_index: int, worker_count: int):
     sentinel and exits the worker when it fires.
     """
     del worker_index, worker_count
-    import threading
-
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -346,6 +345,42 @@ class _sigint_blocked:
     def __exit__(self, *exc):
         if self._mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+
+
+class _sigint_deferred:
+    """Holds each Ctrl-C that arrives in the block until the block is left, then raises it.
+
+    A batch from the workers lives in shared memory that ``SharedMemoryArray.__del__``
+    releases when the batch is dropped. Python ignores an exception raised in ``__del__``
+    ("Exception ignored in ..."): a KeyboardInterrupt that lands there is lost (the program
+    runs on as if Ctrl-C was never pressed; the CI once waited 180 s on such a loop) and
+    the memory is not released. So the copy out of shared memory and the drop run in this
+    block (milliseconds; the wait for the batch stays interruptible): the Python-level
+    SIGINT handler in force is swapped for one that counts signals, and leaving the block
+    restores it and raises each counted signal again, so it acts as if they came now (the
+    default handler raises KeyboardInterrupt; train.py's asks the loop to stop, a second
+    one interrupts). Outside the main thread, or with SIG_IGN/SIG_DFL in force, it does
+    nothing.
+    """
+
+    def __enter__(self):
+        self._handler, self._count = None, 0
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGINT)
+            if callable(handler):
+                self._handler = handler
+                signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        del signum, frame
+        self._count += 1
+
+    def __exit__(self, *exc):
+        if self._handler is not None:
+            signal.signal(signal.SIGINT, self._handler)
+            for _ in range(self._count):
+                signal.raise_signal(signal.SIGINT)
 
 
 def _release_shared_memory():
@@ -441,7 +476,8 @@ class Loader:
             iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self.num_workers, per_worker_buffer_size=self._prefetch),
                 worker_init_fn=_init_worker)
-        self._holder[0] = iter(iter_ds.map(self._finish))
+        # With workers, __next__ finishes each batch itself (see _sigint_deferred).
+        self._holder[0] = iter(iter_ds if self.num_workers > 0 else iter_ds.map(self._finish))
         if self.num_workers > 0:
             # Start the workers now, all at once, from grain threads that inherit a blocked
             # SIGINT (see _sigint_blocked): get_state() makes grain create the per-worker
@@ -483,6 +519,11 @@ class Loader:
             self._start()
         try:
             batch = next(self._holder[0])
+            if self.num_workers > 0:
+                with _sigint_deferred():  # the batch in shared memory is released in here
+                    shared, batch = batch, None
+                    batch = self._finish(shared)
+                    del shared
         except BaseException as error:
             self._holder[2] = self.num_workers > 0  # an error ends the workers' data too
             if not isinstance(error, Exception):

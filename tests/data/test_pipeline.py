@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from proxy_jax.data.pipeline import DatasetItemError, make_loader
+from proxy_jax.data.pipeline import DatasetItemError, _sigint_deferred, make_loader
 from proxy_jax.data.samplers import ClassBalancedSampler, ShuffleSampler
 from proxy_jax.data.transforms import UNIT_RANGE, InputNormalization, eval_transform, normalize, train_transform
 
@@ -500,6 +500,58 @@ def test_no_leaked_shared_memory_at_exit(tmp_path, mode):
             "DatasetItemError: cannot load dataset[5]: the dataset raised OSError: unreadable record" in err
     else:
         assert returncode == 0, err[-3000:]
+
+
+class _InterruptedWhileDropped:
+    """Stands for a shared-memory batch: Ctrl-C arrives while its ``__del__`` runs."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_inside_a_del_is_lost_without_deferral():
+    # The fault the loader defers around: Python ignores the KeyboardInterrupt raised in a
+    # __del__ (the CI once hung 180 s in a `while True: next(loader)` after Ctrl-C).
+    unraisable = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        _InterruptedWhileDropped()
+    finally:
+        sys.unraisablehook = hook
+    assert [type(u.exc_value) for u in unraisable] == [KeyboardInterrupt]
+
+
+def test_ctrl_c_inside_a_del_is_delivered_after_the_block():
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _sigint_deferred():
+            _InterruptedWhileDropped()
+            steps.append("dropped")  # the block is not cut short
+    assert steps == ["dropped"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_deferred_ctrl_c_acts_as_if_it_came_after_the_block():
+    # train.py's handler: the first Ctrl-C asks to stop and restores the previous handler,
+    # so a second one interrupts. Two in the block act so after it, in order.
+    got = []
+
+    def stop_then_interrupt(signum, frame):
+        got.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, stop_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                assert got == []
+        assert got == [signal.SIGINT]
+        with _sigint_deferred():  # none came: nothing is raised, the handler is kept
+            pass
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_prints_one_keyboard_interrupt(tmp_path):
