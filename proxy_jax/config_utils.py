@@ -76,11 +76,11 @@ from typing import Optional
 import ml_collections
 
 from proxy_jax import methods, models, objective, optim
+from proxy_jax.data.splits import DATASETS
 
-__all__ = ["base_config", "validate", "load_config_file", "DATASETS", "field_paths",
+__all__ = ["base_config", "validate", "load_config_file", "field_paths",
            "unknown_field_message"]
 
-DATASETS = ("embedded", "folder", "cub200", "cars196", "sop", "inshop", "tfds")
 _POOLINGS = ("gap", "gmp", "gap+gmp")
 _DTYPES = ("float32", "bfloat16")
 _OPTIMIZERS = ("adam", "adamw")

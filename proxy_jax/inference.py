@@ -71,8 +71,8 @@ def evaluate(embed_fn: Callable, state, data, config, mesh: Mesh,
              *, workdir: Optional[str] = None, tag: str = "") -> dict:
     """Retrieval (and optionally clustering) metrics of the test set; pictures if workdir.
 
-    ``data`` has ``test`` (the queries), ``gallery`` (None: all-vs-all) and the
-    ``normalization`` of the backbone (``proxy_jax.train.Data``).
+    ``data``: a :class:`~proxy_jax.data.splits.Splits`; ``test`` holds the queries,
+    ``gallery`` None means all-vs-all.
 
     Returns metrics as floats, keys as :func:`proxy_jax.evaluation.retrieval_metrics`
     ('recall@1', …, 'r_precision', 'map@r'; 'nmi', 'f1' with ``config.eval.nmi``). With

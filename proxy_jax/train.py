@@ -35,7 +35,7 @@ from proxy_jax import checkpoints, config_utils, inference, methods, models, mul
 from proxy_jax.data import datasets, pipeline, samplers, splits, transforms
 from proxy_jax.methods.base import Plan, TrainState
 
-__all__ = ["Data", "Run", "load_data", "build", "train_and_evaluate", "evaluate_checkpoint",
+__all__ = ["Run", "load_data", "build", "train_and_evaluate", "evaluate_checkpoint",
            "embed_folder", "check_workdir", "check_input_files", "CHECKPOINT_FORMAT"]
 
 # The layout of the train state in a checkpoint. 1: one ``memory`` slot (before methods
@@ -45,22 +45,10 @@ CHECKPOINT_FORMAT = 2
 
 # ---------------------------------------------------------------------------------- data
 
-class Data(NamedTuple):
-    """The data sets of a run. ``gallery`` is None for all-vs-all retrieval."""
-
-    train: Any
-    test: Any  # the queries for In-shop
-    gallery: Any
-    num_classes: int
-    normalization: Any  # models.InputNormalization of the backbone
-
-
-def load_data(config: ml_collections.ConfigDict) -> Data:
-    """The data sets of ``config.data`` (the embedded set is written if needed)."""
+def load_data(config: ml_collections.ConfigDict) -> splits.Splits:
+    """The splits of ``config.data`` (the embedded set is written if needed)."""
     d = config.data
-    train, test, gallery = splits.load_splits(d.dataset, d.root, tfds_name=d.tfds_name)
-    return Data(train, test, gallery, len(train.classes),
-                models.input_normalization(config.model.backbone))
+    return splits.load_splits(d.dataset, d.root, tfds_name=d.tfds_name)
 
 
 def make_train_sampler(config: ml_collections.ConfigDict, dataset):
@@ -89,7 +77,7 @@ class Run(NamedTuple):
     Attributes:
       config: the config.
       mesh: the data-parallel mesh.
-      data: its :class:`Data`.
+      data: its :class:`~proxy_jax.data.splits.Splits`.
       model: the embedding network (with the method's head).
       method: the :class:`~proxy_jax.methods.base.Method` of ``config.method``.
       plan: the method's :class:`~proxy_jax.methods.base.Plan`; ``plan.state`` is the
@@ -100,7 +88,7 @@ class Run(NamedTuple):
 
     config: Any
     mesh: Mesh
-    data: Data
+    data: splits.Splits
     model: Any
     method: methods.Method
     plan: Plan
@@ -333,7 +321,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     loader = pipeline.make_loader(
         run.data.train, batch_size=config.data.batch_size, sampler=run.sampler,
-        transform=transforms.train_transform(config.data.input_size, run.data.normalization,
+        transform=transforms.train_transform(config.data.input_size,
+                                             models.input_normalization(config.model.backbone),
                                              scale=(config.data.crop_scale_min, 1.0)),
         num_workers=config.data.num_workers, seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True)

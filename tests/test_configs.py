@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from proxy_jax import config_utils, parallel, train
+from proxy_jax import config_utils, models, parallel, train
 from proxy_jax.data import pipeline, transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def test_config_trains_one_step_on_tiny_shapes(path, tiny_root):
     run = train.build(config)
     loader = pipeline.make_loader(
         run.data.train, batch_size=8, sampler=run.sampler,
-        transform=transforms.train_transform(16, run.data.normalization), num_workers=0,
+        transform=transforms.train_transform(16, models.input_normalization(run.config.model.backbone)), num_workers=0,
         seed=0)
     batch = next(loader)
     run.plan.check_batch(np.asarray(batch["label"]))

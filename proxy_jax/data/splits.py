@@ -28,7 +28,10 @@ from proxy_jax.data.datasets import load_benchmark
 from proxy_jax.data.embedded import ensure_embedded_dataset
 from proxy_jax.data.tfds_sources import TfdsDataset
 
-__all__ = ["Splits", "load_splits", "default_embedded_root"]
+__all__ = ["DATASETS", "Splits", "load_splits", "default_embedded_root"]
+
+#: The values of ``config.data.dataset``: the rows of the module docstring's table.
+DATASETS = ("embedded", "folder", "cub200", "cars196", "sop", "inshop", "tfds")
 
 
 class Splits(NamedTuple):
@@ -37,6 +40,11 @@ class Splits(NamedTuple):
     train: Any
     test: Any  # the queries for In-shop
     gallery: Optional[Any]  # None: the test set is searched against itself
+
+    @property
+    def num_classes(self) -> int:
+        """The training classes (labels are ``0 .. num_classes - 1``)."""
+        return len(self.train.classes)
 
 
 def default_embedded_root() -> str:
@@ -67,8 +75,8 @@ def load_splits(dataset: str, root: str, *, tfds_name: str = "") -> Splits:
                       TfdsDataset(tfds_name, "test", data_dir=data_dir), None)
     if dataset == "embedded":
         root = ensure_embedded_dataset(root or default_embedded_root())
-    elif dataset not in ("folder", "cars196", "cub200", "sop", "inshop"):
-        raise ValueError(f"unknown dataset {dataset!r}")
+    elif dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     train = load_benchmark(root, "train")
     if dataset == "inshop":
         return Splits(train, load_benchmark(root, "query"), load_benchmark(root, "gallery"))
