@@ -11,7 +11,8 @@ pos_class_mix, d_dis_ratio 0.01, decay 1e-4, dis_decay 5e-5, fc_fc2_dim 4096,
 fd_fc1_dim 512, loss_oproxy_neg_alpha 200, loss_oproxy_pos_alpha 40, lr 1.2e-4,
 lr_reduce_rate 0.25, lr_reduce_step 40, oproxy_ratio 0.0075, mix_alpha 3, mix_beta 3,
 warmup 5; architecture ``resnet50_layernorm_double`` (BatchNorm *trained*); queries
-against the gallery, Recall@{1,10,20,30,40}.
+against the gallery, Recall@{1,10,20,30,40,50} (``evaluation/__init__.py``:
+``QUERY_GALLERY_RECALL_KS``).
 
 Published: the official README publishes no number (the paper's tables are not restated).
 """
@@ -51,6 +52,6 @@ def get_config():
     d.mix_beta = 3.0
     d.oproxy_ratio = 0.0075
 
-    config.eval.ks = (1, 10, 20, 30, 40)
+    config.eval.ks = (1, 10, 20, 30, 40, 50)
     config.eval.nmi = False
     return config
