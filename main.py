@@ -159,21 +159,31 @@ def main(argv):
         print(summary(FLAGS.mode, result))
 
 
+def _values(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items())
+
+
 def summary(mode: str, result: dict) -> str:
-    """The final line: the step reached and each metric beside the step it was measured at."""
+    """The final line: the step reached, each metric beside the step it was measured at, and
+    the best evaluation (what the papers publish) with its epoch when it is not the last."""
     result = dict(result)
     if mode == "embed":
         return (f"embedded {result['num_images']} images ({result['dim']}-d) with the checkpoint "
                 f"of step {result['step']}")
     step = result.pop("step")
     measured = result.pop("metrics_step", step)
-    values = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                       for k, v in result.items())
+    best = dict(result.pop("best", None) or {})
+    values = _values(result)
     if not values:
         return f"step {step}; no evaluation yet"
-    if measured == step:
-        return f"step {step}: {values}"
-    return f"step {step}; last evaluation at step {measured}: {values}"
+    line = (f"step {step}: {values}" if measured == step
+            else f"step {step}; last evaluation at step {measured}: {values}")
+    best_step, best_epoch = best.pop("step", None), best.pop("epoch", None)
+    if best and best_step != measured:
+        where = "" if best_step is None else f" at epoch {best_epoch} (step {best_step})"
+        line += f"; best{where}: {_values(best)}"
+    return line
 
 
 def _run() -> None:

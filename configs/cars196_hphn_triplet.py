@@ -20,6 +20,8 @@ Defaults of its main.py that the command keeps, and what they mean here:
   epochs (MultiFactorScheduler).
 * The trainer back-propagates the sum of the per-anchor losses (reduction 'sum').
 * MXNet Gluon runs BatchNorm in training mode under autograd.record: freeze_bn=False.
+  gluoncv's GoogLeNet keeps Gluon's BatchNorm momentum 0.9 (torch's 0.1) and MXNet updates
+  the moving variance with the biased batch variance: bn_running_var 'biased'.
 * Embedding layer Xavier(magnitude=2), bias 0; GAP; l2-normalized output.
 
 Differences that remain: the official train augmentation is Random2DTranslation (resize to
@@ -55,6 +57,7 @@ def get_config():
     config.model.pooling = "gap"
     config.model.l2_normalize = True
     config.model.freeze_bn = False
+    config.model.bn_running_var = "biased"  # MXNet's BatchNorm (see the docstring)
     config.model.embedding_init = "xavier_mxnet"
     config.model.pretrained = "googlenet.npz"  # python -m proxy_jax.convert --arch googlenet
 

@@ -16,7 +16,9 @@ kaiming_normal(mode='fan_out'), whose fan is C. ``--warm 1``: the first epoch tr
 the embedding layer and the proxies. ``--bn-freeze 1`` keeps BatchNorm in inference mode;
 it also sets requires_grad=False on the BatchNorm affine parameters, but the warm-up switch
 turns requires_grad back on for every backbone parameter after the warm-up, so they train
-from epoch ``warm`` on (freeze_bn_affine=False reproduces that).
+from epoch ``warm`` on (freeze_bn_affine=False reproduces that). Its own BN-Inception
+(``code/net/bn_inception.py``) builds every BatchNorm with torch ``momentum=0.9``:
+bn_momentum 0.9 (it matters where BatchNorm trains: the SOP and In-shop commands).
 
 Published (README): Recall@1 69.1 (R@2 78.9, R@4 86.1, R@8 91.2).
 """
@@ -44,6 +46,7 @@ def get_config():
     config.model.pooling = "gap+gmp"
     config.model.l2_normalize = True
     config.model.freeze_bn = True
+    config.model.bn_momentum = 0.9  # code/net/bn_inception.py: nn.BatchNorm2d(..., momentum=0.9)
     config.model.freeze_bn_affine = False
     config.model.embedding_init = "kaiming_fan_out"
     config.model.pretrained = "bn_inception.npz"  # python -m proxy_jax.convert --arch bn_inception

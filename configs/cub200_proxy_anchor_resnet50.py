@@ -17,6 +17,7 @@ def get_config():
     config = cub200_proxy_anchor_bn_inception.get_config()
     config.name = "cub200_proxy_anchor_resnet50"
     config.model.backbone = "resnet50"
+    config.model.bn_momentum = 0.1  # torchvision's resnet50: torch's default momentum
     config.model.pretrained = "resnet50.npz"  # python -m proxy_jax.convert --arch resnet50
     config.data.batch_size = 120
     config.data.eval_batch_size = 120

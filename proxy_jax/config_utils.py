@@ -35,7 +35,10 @@ quote the seeds' own 1-based flags):
   (images per class in a batch; 1 = plain shuffling), ``num_workers``,
   ``eval_batch_size``.
 * ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim``, ``pooling``
-  ('gap', 'gmp', 'gap+gmp'), ``l2_normalize``, ``freeze_bn``, ``pretrained`` (a file
+  ('gap', 'gmp', 'gap+gmp'), ``l2_normalize``, ``freeze_bn``, ``bn_momentum`` and
+  ``bn_running_var`` (when BatchNorm trains: torch's momentum, the weight of the new batch
+  in the running statistics, and 'unbiased' (torch) or 'biased' (MXNet) batch variance in
+  them; see ``proxy_jax.models.layers.BatchNormRule``), ``pretrained`` (a file
   written by ``python -m proxy_jax.convert``; '' trains from scratch), ``dtype``
   ('float32' or 'bfloat16': the compute dtype; parameters and the loss stay float32),
   ``embedding_init`` (a key of ``proxy_jax.models.EMBEDDING_INITS``),
@@ -83,6 +86,7 @@ __all__ = ["base_config", "validate", "load_config_file", "field_paths",
 
 _POOLINGS = ("gap", "gmp", "gap+gmp")
 _DTYPES = ("float32", "bfloat16")
+_BN_RUNNING_VARS = ("unbiased", "biased")
 _OPTIMIZERS = ("adam", "adamw")
 _PROXY_INITS = ("kaiming_uniform", "kaiming_normal")
 _PROXY_FANS = ("dim", "classes")
@@ -132,6 +136,8 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.model.pooling = "gap"
     c.model.l2_normalize = True
     c.model.freeze_bn = True
+    c.model.bn_momentum = 0.1
+    c.model.bn_running_var = "unbiased"
     c.model.pretrained = ""
     c.model.dtype = "float32"
     c.model.embedding_init = "torch_default"
@@ -200,6 +206,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("data.dataset", c.data.dataset, DATASETS)
     _one_of("model.pooling", c.model.pooling, _POOLINGS)
     _one_of("model.dtype", c.model.dtype, _DTYPES)
+    _one_of("model.bn_running_var", c.model.bn_running_var, _BN_RUNNING_VARS)
+    if not 0 < c.model.bn_momentum <= 1:
+        raise ValueError(f"config.model.bn_momentum must lie in (0, 1] (torch's convention: the "
+                         f"weight of the new batch), got {c.model.bn_momentum}")
     _one_of("model.embedding_init", c.model.embedding_init, sorted(models.EMBEDDING_INITS))
     _one_of("optimizer.name", c.optimizer.name, _OPTIMIZERS)
     _one_of("optimizer.schedule", c.optimizer.schedule, optim.SCHEDULES)

@@ -242,14 +242,29 @@ def _flatten_config(config: ml_collections.ConfigDict) -> dict:
     return out
 
 
-def _record(run: Run, state: TrainState, *, loader_state, best_recall: float,
+def _evaluation(run: Run, step: int, metrics: dict) -> dict:
+    """``{'step', 'epoch', **metrics}``: an evaluation after ``epoch`` whole epochs."""
+    return {"step": step, "epoch": step // run.steps_per_epoch, **metrics}
+
+
+def _best_of(record: dict) -> dict:
+    """The best evaluation a checkpoint record holds (:func:`_evaluation`'s form); records
+    written before the best evaluation was kept whole have its Recall@1 only."""
+    if "best_evaluation" in record:
+        return dict(record["best_evaluation"])
+    recall = float(record.get("best_recall@1", -1.0))
+    return {"step": None, "epoch": None, "recall@1": recall} if recall >= 0 else {}
+
+
+def _record(run: Run, state: TrainState, *, loader_state, best_eval: dict,
             metrics: dict, metrics_step: Optional[int]) -> dict:
-    """The JSON record saved beside the state; ``metrics`` are those of ``metrics_step``."""
+    """The JSON record saved beside the state; ``metrics`` are those of ``metrics_step``,
+    ``best_eval`` the evaluation with the highest Recall@1 so far (:func:`_evaluation`)."""
     c = run.config
     return {
         "step": int(jax.device_get(state.step)),
         "loader": checkpoints.loader_state_to_json(loader_state),
-        "best_recall@1": best_recall,
+        "best_evaluation": best_eval,
         "metrics": metrics,
         "metrics_step": metrics_step,
         "format": CHECKPOINT_FORMAT,
@@ -266,7 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     """Trains ``config`` in ``workdir`` (resuming from its checkpoint) and evaluates it.
 
     Writes ``workdir/checkpoints/{latest,best}``, TensorBoard events, ``metrics.json`` (the
-    last evaluation) and, at each evaluation, ``retrieval.png`` and ``embedding_map.png``.
+    last evaluation, its ``step`` and ``epoch``, and under ``best`` the evaluation with the
+    highest Recall@1, which is what the papers publish) and, at each evaluation,
+    ``retrieval.png`` and ``embedding_map.png``.
 
     Args:
       config: see ``proxy_jax.config_utils``; ``config.method`` says how a batch is trained.
@@ -274,7 +291,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       hooks: called as ``hook(step, state)`` after every step (e.g. profiling, tests).
 
     Returns:
-      The metrics of the last evaluation (plus 'step').
+      The metrics of the last evaluation, with ``step`` (reached), ``metrics_step`` (of the
+      metrics) and ``best`` (``{'step', 'epoch', **metrics}`` of the best evaluation; empty
+      before the first).
 
     Raises:
       ValueError: a bad config, or a workdir holding an incompatible checkpoint.
@@ -288,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     os.makedirs(workdir, exist_ok=True)
     checkpointer = checkpoints.Checkpointer(workdir)
     state = run.state
-    best_recall = -1.0
+    best_eval: dict = {}  # the evaluation with the highest Recall@1 (see _evaluation)
     loader_state = None
     last_metrics: dict = {}
     metrics_step: Optional[int] = None  # the step last_metrics were measured at
@@ -309,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if restored is not None:
         state, record = parallel.replicate(restored.state, run.mesh), restored.record
         loader_state = checkpoints.loader_state_from_json(record["loader"])
-        best_recall = float(record["best_recall@1"])
+        best_eval = _best_of(record)
         last_metrics = dict(record.get("metrics") or {})
         metrics_step = record.get("metrics_step", record["step"] if last_metrics else None)
         logging.info("resumed from %s at step %d", restored.path, record["step"])
@@ -317,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             checkpointer.close()
             logging.info("already finished at step %d (of %d); nothing to train", record["step"],
                          run.total_steps)
-            return _result(record["step"], metrics_step, last_metrics)
+            return _result(record["step"], metrics_step, last_metrics, best_eval)
 
     loader = pipeline.make_loader(
         run.data.train, batch_size=config.data.batch_size, sampler=run.sampler,
@@ -360,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         return fetched
 
     def save(*, best=False):
-        rec = _record(run, state, loader_state=loader.get_state(), best_recall=best_recall,
+        rec = _record(run, state, loader_state=loader.get_state(), best_eval=best_eval,
                       metrics=last_metrics, metrics_step=metrics_step)
         checkpointer.save(state, rec, best=best)
 
@@ -408,14 +427,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in last_metrics.items()})
                     logging.info("step %d eval %s", step,
                                  ", ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()))
-                    improved = last_metrics["recall@1"] > best_recall
-                    best_recall = max(best_recall, last_metrics["recall@1"])
+                    improved = last_metrics["recall@1"] > best_eval.get("recall@1", -1.0)
+                    if improved:
+                        best_eval = _evaluation(run, step, last_metrics)
                     save()
                     if improved:
                         save(best=True)
                     if primary:
                         with open(os.path.join(workdir, "metrics.json"), "w") as f:
-                            json.dump({"step": step, **last_metrics}, f, indent=2)
+                            json.dump({**_evaluation(run, step, last_metrics), "best": best_eval}, f,
+                                      indent=2)
                 elif (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) \
                         or stopping:
                     check_pending()
@@ -431,12 +452,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    return _result(step, metrics_step, last_metrics)
+    return _result(step, metrics_step, last_metrics, best_eval)
 
 
-def _result(step: int, metrics_step: Optional[int], metrics: dict) -> dict:
-    """What a run returns: the step reached, and the last metrics with the step of them."""
-    return {"step": step, "metrics_step": metrics_step, **metrics}
+def _result(step: int, metrics_step: Optional[int], metrics: dict, best_eval: dict) -> dict:
+    """What a run returns: the step reached, the last metrics with the step of them, and
+    the best evaluation."""
+    return {"step": step, "metrics_step": metrics_step, **metrics, "best": best_eval}
 
 
 # ------------------------------------------------------------------ evaluate, embed modes

@@ -51,6 +51,22 @@ def test_config_is_valid_and_documented(path):
         assert "--" in doc and ("train.py" in doc or "main.py" in doc), "seed command missing"
 
 
+# The BatchNorm rule of the code each recipe reproduces (it matters where BatchNorm trains).
+BATCHNORM_RULES = {  # config name part -> (bn_momentum, bn_running_var)
+    "proxy_anchor_bn_inception": (0.9, "unbiased"),  # Proxy-Anchor's own net/bn_inception.py
+    "hphn_triplet": (0.1, "biased"),  # gluoncv GoogLeNet: MXNet momentum 0.9, biased variance
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
+def test_batchnorm_rule_is_the_official_codes(path):
+    config = config_utils.load_config_file(path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    expected = next((rule for part, rule in BATCHNORM_RULES.items() if part in name),
+                    (0.1, "unbiased"))  # torch's default (torchvision, pretrainedmodels)
+    assert (config.model.bn_momentum, config.model.bn_running_var) == expected
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
 def test_config_trains_one_step_on_tiny_shapes(path, tiny_root):
     config = config_utils.load_config_file(path)
@@ -89,6 +105,8 @@ def _bad(config, **changes):
     ({"data.batch_size": 6, "data.n_instance": 4}, "multiple of config.data.n_instance"),
     ({"optimizer.name": "sgd"}, "config.optimizer.name must be one of"),
     ({"eval.ks": (0, 1)}, "config.eval.ks"),
+    ({"model.bn_momentum": 0.0}, "config.model.bn_momentum must lie in"),
+    ({"model.bn_running_var": "sample"}, "config.model.bn_running_var must be one of"),
 ])
 def test_validate_names_the_bad_field(changes, message):
     config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))

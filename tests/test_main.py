@@ -62,6 +62,26 @@ def test_train_writes_checkpoints_events_pictures_metrics(trained):
     assert "leaked shared_memory" not in result.stderr
 
 
+def test_metrics_json_has_the_best_evaluation_and_its_epoch(trained):
+    # What the papers publish is the best epoch: metrics.json keeps it beside the last.
+    workdir, result = trained
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        metrics = json.load(f)
+    evaluations = {}  # step -> recall@1, from the log's "step N eval recall@1 X, ..." lines
+    for line in result.stderr.splitlines():
+        if " eval recall@1 " in line:
+            head, tail = line.split(" eval recall@1 ")
+            evaluations[int(head.split()[-1])] = float(tail.split(",")[0])
+    assert sorted(evaluations) == [2, 3]  # after epoch 1 (steps_per_epoch 2) and at the end
+    first_best = max(evaluations, key=lambda s: (evaluations[s], -s))
+    best = metrics["best"]
+    assert metrics["epoch"] == 1 and best["step"] == first_best and best["epoch"] == 1
+    assert best["recall@1"] == pytest.approx(evaluations[first_best], abs=5e-5)
+    assert {"recall@1", "recall@8", "r_precision", "map@r"} <= set(best)
+    if first_best == 3:
+        assert best == {k: v for k, v in metrics.items() if k != "best"}
+
+
 def test_rerun_of_a_finished_run_says_so(trained, tiny_root):
     workdir, _ = trained
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
@@ -138,6 +158,24 @@ def _one_line_error(result) -> str:
     assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith("main.py: error: "), lines
     return lines[0]
+
+
+def test_final_line_names_the_best_evaluation_when_it_is_not_the_last():
+    import main
+    last = {"recall@1": 0.25, "map@r": 0.125}
+    best = {"step": 40, "epoch": 4, "recall@1": 0.5, "map@r": 0.25}
+    assert main.summary("train", {"step": 60, "metrics_step": 60, **last, "best": best}) == \
+        "step 60: recall@1 0.2500, map@r 0.1250; best at epoch 4 (step 40): recall@1 0.5000, " \
+        "map@r 0.2500"
+    same = {"step": 60, "epoch": 6, **last}
+    assert main.summary("train", {"step": 60, "metrics_step": 60, **last, "best": same}) == \
+        "step 60: recall@1 0.2500, map@r 0.1250"
+    # A checkpoint written before whole best evaluations were kept has its Recall@1 only.
+    old = {"step": None, "epoch": None, "recall@1": 0.5}
+    assert main.summary("train", {"step": 60, "metrics_step": 50, **last, "best": old}) == \
+        "step 60; last evaluation at step 50: recall@1 0.2500, map@r 0.1250; best: recall@1 0.5000"
+    assert main.summary("train", {"step": 3, "metrics_step": None, "best": {}}) == \
+        "step 3; no evaluation yet"
 
 
 def test_unknown_config_key_names_the_path_and_the_closest():

@@ -138,3 +138,13 @@ def test_checkpoint_of_format_1_dada_is_refused_untouched(tiny_root, tmp_path, t
     after = sorted((p, os.path.getmtime(os.path.join(d, p)))
                    for d, _, files in os.walk(old) for p in files)
     assert after == before
+
+
+def test_best_evaluation_of_a_record_written_before_it_was_kept_whole():
+    # Checkpoints written before the best evaluation was kept (format 2 without
+    # 'best_evaluation') resume with their best Recall@1, its step unknown.
+    assert train._best_of({"best_recall@1": 0.5}) == {"step": None, "epoch": None,
+                                                      "recall@1": 0.5}
+    assert train._best_of({"best_recall@1": -1.0}) == {}  # no evaluation yet
+    best = {"step": 40, "epoch": 4, "recall@1": 0.5}
+    assert train._best_of({"best_evaluation": best, "best_recall@1": 0.1}) == best

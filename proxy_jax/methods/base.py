@@ -116,6 +116,7 @@ def create_model(config: ml_collections.ConfigDict, **overrides) -> models.Embed
     return models.create_model(
         backbone=m.backbone, embedding_dim=m.embedding_dim, pooling=m.pooling,
         l2_normalize=m.l2_normalize, freeze_bn=m.freeze_bn,
+        bn_rule=models.BatchNormRule(m.bn_momentum, m.bn_running_var == "unbiased"),
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
         embedding_init=m.embedding_init, **overrides)
 

@@ -1,6 +1,6 @@
 """Flax backbones and the embedding model, with ImageNet weights imported from PyTorch files.
 
-* ``create_model(*, backbone, embedding_dim, pooling, l2_normalize, freeze_bn, dtype)``
+* ``create_model(*, backbone, embedding_dim, pooling, l2_normalize, freeze_bn, bn_rule, dtype)``
   → ``EmbeddingModel``: images [B, H, W, 3] NHWC → embeddings [B, D].
 * ``input_normalization(backbone)`` → the ``InputNormalization`` its weights expect.
 * ``load_pretrained(variables, path, backbone)`` merges a file written by
@@ -10,13 +10,14 @@
 """
 from proxy_jax.models.embedding import (EMBEDDING_INITS, POOLINGS, EmbeddingModel, create_model,
                                         global_pool)
+from proxy_jax.models.layers import BatchNormRule
 from proxy_jax.models.normalization import InputNormalization, input_normalization
 from proxy_jax.models.registry import BACKBONES, BackboneSpec, get_backbone
 from proxy_jax.models.weights import (backbone_shapes, batchnorm_param_mask, check_weights,
                                       load_pretrained, load_weights, save_weights)
 
 __all__ = [
-    "BACKBONES", "BackboneSpec", "EMBEDDING_INITS", "EmbeddingModel", "InputNormalization",
+    "BACKBONES", "BackboneSpec", "BatchNormRule", "EMBEDDING_INITS", "EmbeddingModel", "InputNormalization",
     "POOLINGS", "backbone_shapes", "batchnorm_param_mask", "check_weights", "create_model",
     "get_backbone", "global_pool", "input_normalization", "load_pretrained", "load_weights",
     "save_weights",

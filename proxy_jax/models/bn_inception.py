@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from proxy_jax.models.layers import BatchNorm, Conv, avg_pool, conv_bn, max_pool
+from proxy_jax.models.layers import BatchNorm, BatchNormRule, Conv, avg_pool, conv_bn, max_pool
 
 __all__ = ["BNInception", "MIN_INPUT_SIZE"]
 
@@ -51,13 +51,15 @@ class BNInception(nn.Module):
     """
 
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
 
     def _conv_bn_relu(self, x, name: str, features: int, kernel: int, *, stride: int = 1,
                       train: bool) -> jax.Array:
         conv = Conv(features, kernel, stride=stride, padding=kernel // 2, bias=True,
                     dtype=self.dtype, name=name)
-        bn = BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name=name + "_bn")
+        bn = BatchNorm(frozen=self.freeze_bn or not train, rule=self.bn_rule,
+                       dtype=self.dtype, name=name + "_bn")
         return conv_bn(conv, bn, x, relu=True)
 
     def _block(self, x, block: str, c1: Optional[int], c3r: int, c3: int, cdr: int, cd: int,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from proxy_jax import losses
+from proxy_jax.models.layers import BatchNormRule
 from proxy_jax.models.registry import get_backbone
 
 __all__ = ["EmbeddingModel", "create_model", "global_pool", "POOLINGS", "EMBEDDING_INITS"]
@@ -92,6 +93,8 @@ class EmbeddingModel(nn.Module):
       freeze_bn: BatchNorm uses its running statistics even when ``train=True`` and never
         updates them, as every seed trains; ``apply`` then needs no mutable collection.
         With ``freeze_bn=False`` a training ``apply`` needs ``mutable=['batch_stats']``.
+      bn_rule: how a training BatchNorm updates its running statistics
+        (:class:`proxy_jax.models.layers.BatchNormRule`; torch's by default).
       dtype: computation dtype of the backbone and the linear layer (e.g. jnp.bfloat16);
         parameters are float32 and the returned embeddings are float32.
       embedding_init: a key of EMBEDDING_INITS ('kaiming_fan_out' = Proxy-Anchor).
@@ -105,6 +108,7 @@ class EmbeddingModel(nn.Module):
     pooling: str = "gap"
     l2_normalize: bool = True
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
     embedding_init: str = "kaiming_fan_out"
     layer_norm: bool = False
@@ -112,7 +116,8 @@ class EmbeddingModel(nn.Module):
     def setup(self):
         spec = get_backbone(self.backbone_name)
         kernel_init, bias_init = EMBEDDING_INITS[self.embedding_init]
-        self.backbone = spec.factory(freeze_bn=self.freeze_bn, dtype=self.dtype)
+        self.backbone = spec.factory(freeze_bn=self.freeze_bn, bn_rule=self.bn_rule,
+                                     dtype=self.dtype)
         self.embedding = nn.Dense(self.embedding_dim, kernel_init=kernel_init,
                                   bias_init=bias_init(spec.num_features), dtype=self.dtype,
                                   param_dtype=jnp.float32)
@@ -144,8 +149,9 @@ class EmbeddingModel(nn.Module):
 
 
 def create_model(*, backbone: str, embedding_dim: int, pooling: str = "gap",
-                 l2_normalize: bool = True, freeze_bn: bool = True, dtype: Any = jnp.float32,
-                 embedding_init: str = "kaiming_fan_out",
+                 l2_normalize: bool = True, freeze_bn: bool = True,
+                 bn_rule: BatchNormRule = BatchNormRule(),
+                 dtype: Any = jnp.float32, embedding_init: str = "kaiming_fan_out",
                  layer_norm: bool = False) -> EmbeddingModel:
     """Builds the embedding model; see EmbeddingModel for the arguments.
 
@@ -156,16 +162,21 @@ def create_model(*, backbone: str, embedding_dim: int, pooling: str = "gap",
       >>> emb = model.apply(variables, images, train=True)   # [B, 512], BN frozen
 
     Raises:
-      ValueError: an unknown backbone, pooling or embedding_init, or embedding_dim < 1.
+      ValueError: an unknown backbone, pooling or embedding_init, embedding_dim < 1, or
+        a BatchNorm momentum outside (0, 1].
     """
     get_backbone(backbone)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if not isinstance(embedding_dim, int) or embedding_dim < 1:
         raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+    if not 0 < bn_rule.momentum <= 1:
+        raise ValueError(f"the BatchNorm momentum must lie in (0, 1] (torch's convention), got "
+                         f"{bn_rule.momentum!r}")
     if embedding_init not in EMBEDDING_INITS:
         raise ValueError(
             f"embedding_init must be one of {sorted(EMBEDDING_INITS)}, got {embedding_init!r}")
     return EmbeddingModel(backbone_name=backbone, embedding_dim=embedding_dim, pooling=pooling,
-                          l2_normalize=l2_normalize, freeze_bn=freeze_bn, dtype=dtype,
+                          l2_normalize=l2_normalize, freeze_bn=freeze_bn,
+                          bn_rule=bn_rule, dtype=dtype,
                           embedding_init=embedding_init, layer_norm=layer_norm)

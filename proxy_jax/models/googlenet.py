@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from proxy_jax.models.layers import ConvBN, max_pool
+from proxy_jax.models.layers import BatchNormRule, ConvBN, max_pool
 
 __all__ = ["GoogLeNet", "Inception"]
 
@@ -31,13 +31,15 @@ class _Seq(nn.Module):
 
     specs: tuple  # ((index, features, kernel, padding), ...)
     freeze_bn: bool
+    bn_rule: BatchNormRule
     dtype: Any
 
     @nn.compact
     def __call__(self, x, *, train):
         for index, features, kernel, padding in self.specs:
             x = ConvBN(features, kernel, padding=padding, freeze_bn=self.freeze_bn,
-                       dtype=self.dtype, name=str(index))(x, train=train)
+                       bn_rule=self.bn_rule, dtype=self.dtype, name=str(index))(
+                           x, train=train)
         return x
 
 
@@ -54,11 +56,12 @@ class Inception(nn.Module):
     ch5x5: int
     pool_proj: int
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        kw = dict(freeze_bn=self.freeze_bn, dtype=self.dtype)
+        kw = dict(freeze_bn=self.freeze_bn, bn_rule=self.bn_rule, dtype=self.dtype)
         b1 = ConvBN(self.ch1x1, 1, name="branch1", **kw)(x, train=train)
         b2 = _Seq(((0, self.ch3x3red, 1, 0), (1, self.ch3x3, 3, 1)), name="branch2", **kw)(
             x, train=train)
@@ -94,6 +97,7 @@ class GoogLeNet(nn.Module):
 
     transform_input: bool = True
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -103,7 +107,7 @@ class GoogLeNet(nn.Module):
             mean, std = jnp.asarray(_IMAGENET_MEAN), jnp.asarray(_IMAGENET_STD)
             x = x * (std / 0.5) + (mean - 0.5) / 0.5
         x = x.astype(self.dtype)
-        kw = dict(freeze_bn=self.freeze_bn, dtype=self.dtype)
+        kw = dict(freeze_bn=self.freeze_bn, bn_rule=self.bn_rule, dtype=self.dtype)
         x = ConvBN(64, 7, stride=2, padding=3, name="conv1", **kw)(x, train=train)
         x = max_pool(x, window=3, stride=2, ceil_mode=True)
         x = ConvBN(64, 1, name="conv2", **kw)(x, train=train)

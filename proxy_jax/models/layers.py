@@ -6,7 +6,7 @@ counts padding); module names follow the PyTorch attribute names so that a state
 ``a.b.weight`` maps to the Flax path ``a/b/kernel`` (see proxy_jax.convert).
 """
 from functools import partial
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,7 @@ from jax import lax
 
 from proxy_jax.models import onednn_conv
 
-__all__ = ["Conv", "BatchNorm", "ConvBN", "conv_bn", "frozen_affine", "max_pool", "avg_pool",
+__all__ = ["Conv", "BatchNormRule", "BatchNorm", "ConvBN", "conv_bn", "frozen_affine", "max_pool", "avg_pool",
            "conv_init"]
 
 # torchvision initialises its convolutions with kaiming_normal_(mode='fan_out', relu);
@@ -75,31 +75,76 @@ class Conv(nn.Module):
         return nn.relu(y) if relu else y
 
 
-def BatchNorm(*, frozen: bool, eps: float = 1e-5, dtype: Any = jnp.float32,
-              name: str) -> nn.BatchNorm:
-    """A torch.nn.BatchNorm2d equivalent over the channel (last) axis.
+class BatchNormRule(NamedTuple):
+    """How a training BatchNorm updates its running statistics.
 
-    ``frozen=True`` normalizes with the running statistics and never updates them; otherwise
-    it uses batch statistics and updates the running ones with PyTorch's momentum 0.1 (Flax
-    momentum 0.9). Unlike PyTorch, Flax updates the running variance with the biased batch
-    variance; this only matters when BatchNorm is trained, which no seed does.
+    ``running = (1 - momentum) * running + momentum * batch``: ``momentum`` is torch's (the
+    weight of the new batch; torch's default 0.1; Flax's and MXNet's ``momentum`` is 1 minus
+    it). The batch variance that enters is the unbiased one (n / (n - 1), torch) or, with
+    ``unbiased_var=False``, the biased one (MXNet, whose ``BatchNormBackwardImpl`` updates
+    ``moving_var`` with the variance the forward normalized with).
     """
-    return nn.BatchNorm(use_running_average=frozen, momentum=0.9, epsilon=eps, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+
+    momentum: float = 0.1
+    unbiased_var: bool = True
 
 
-def frozen_affine(bn: nn.BatchNorm) -> tuple[jax.Array, jax.Array]:
+class BatchNorm(nn.Module):
+    """``torch.nn.BatchNorm2d`` over the channel (last) axis of ``x`` [..., C].
+
+    ``frozen=True`` normalizes with the running statistics and never updates them (the
+    seeds' ``freeze_BN``, and every evaluation). Otherwise it normalizes with the batch's
+    mean and biased variance and, outside initialization, updates the running ones by
+    ``rule`` (:class:`BatchNormRule`). BatchNorm trains in several seed recipes
+    (Proxy-Anchor SOP/In-shop, Embedding Expansion, DADA SOP/In-shop), so the rule matters
+    there: Proxy-Anchor's own BN-Inception builds every layer with torch momentum 0.9, so
+    its running statistics are nearly the last batch's.
+
+    Variables: params 'scale', 'bias' and batch_stats 'mean', 'var', float32 [C]; the
+    statistics are computed in float32 whatever ``dtype`` computes in; the output is ``dtype``.
+    """
+
+    frozen: bool
+    rule: BatchNormRule = BatchNormRule()
+    eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if self.frozen:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x32, axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            if not self.is_initializing():
+                n = x.size // c
+                batch_var = var * (n / max(n - 1, 1)) if self.rule.unbiased_var else var
+                m = self.rule.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * batch_var
+        y = (x32 - mean) * (scale * lax.rsqrt(var + self.eps)) + bias
+        return y.astype(self.dtype)
+
+
+def frozen_affine(bn: BatchNorm) -> tuple[jax.Array, jax.Array]:
     """(scale, shift), float32 [C] each, such that a frozen ``bn`` maps x to x·scale + shift.
 
     ``bn`` must already hold its variables (not at initialization). Differentiable in its
     parameters: gradients reach 'scale' and 'bias' through the returned pair.
     """
     params, stats = bn.variables["params"], bn.variables["batch_stats"]
-    scale = params["scale"] * lax.rsqrt(stats["var"] + bn.epsilon)
+    scale = params["scale"] * lax.rsqrt(stats["var"] + bn.eps)
     return scale, params["bias"] - stats["mean"] * scale
 
 
-def conv_bn(conv: Conv, bn: nn.BatchNorm, x: jax.Array, *,
+def conv_bn(conv: Conv, bn: BatchNorm, x: jax.Array, *,
             residual: Optional[jax.Array] = None, relu: bool = False) -> jax.Array:
     """``bn(conv(x))``, plus ``residual`` [B, H', W', C] when given, then a ReLU with ``relu``.
 
@@ -110,7 +155,7 @@ def conv_bn(conv: Conv, bn: nn.BatchNorm, x: jax.Array, *,
     gradients are the same as unfolded. A BatchNorm in training mode (batch statistics) is
     applied after the convolution as usual.
     """
-    if bn.use_running_average and not bn.is_initializing():
+    if bn.frozen and not bn.is_initializing():
         scale, shift = frozen_affine(bn)
         return conv(x, scale=scale, shift=shift, residual=residual, relu=relu)
     y = bn(conv(x))
@@ -130,14 +175,15 @@ class ConvBN(nn.Module):
     padding: int = 0
     bn_eps: float = 1e-3
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         conv = Conv(self.features, self.kernel, stride=self.stride, padding=self.padding,
                     dtype=self.dtype, name="conv")
-        bn = BatchNorm(frozen=self.freeze_bn or not train, eps=self.bn_eps, dtype=self.dtype,
-                       name="bn")
+        bn = BatchNorm(frozen=self.freeze_bn or not train, rule=self.bn_rule,
+                       eps=self.bn_eps, dtype=self.dtype, name="bn")
         return conv_bn(conv, bn, x, relu=True)
 
 

@@ -16,7 +16,7 @@ __all__ = ["BackboneSpec", "BACKBONES", "get_backbone"]
 
 
 class BackboneSpec(NamedTuple):
-    factory: Callable[..., Any]  # (*, freeze_bn, dtype, name) -> flax Module
+    factory: Callable[..., Any]  # (*, freeze_bn, bn_momentum, dtype, name) -> flax Module
     num_features: int  # channels of the output feature map
     head_prefixes: tuple  # state_dict key prefixes of classifier heads (dropped on import)
     torch_source: str  # the PyTorch model whose state_dict key names are used

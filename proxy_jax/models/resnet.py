@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from proxy_jax.models.layers import BatchNorm, Conv, conv_bn, max_pool
+from proxy_jax.models.layers import BatchNorm, BatchNormRule, Conv, conv_bn, max_pool
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
@@ -24,12 +24,14 @@ class _Downsample(nn.Module):
     features: int
     stride: int
     freeze_bn: bool
+    bn_rule: BatchNormRule
     dtype: Any
 
     @nn.compact
     def __call__(self, x, *, train):
         return conv_bn(Conv(self.features, 1, stride=self.stride, dtype=self.dtype, name="0"),
-                       BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name="1"),
+                       BatchNorm(frozen=self.freeze_bn or not train, rule=self.bn_rule,
+                                 dtype=self.dtype, name="1"),
                        x)
 
 
@@ -39,16 +41,18 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        bn = partial(BatchNorm, frozen=self.freeze_bn or not train, dtype=self.dtype)
+        bn = partial(BatchNorm, frozen=self.freeze_bn or not train, rule=self.bn_rule,
+                     dtype=self.dtype)
         conv = partial(Conv, self.planes, 3, padding=1, dtype=self.dtype)
         y = conv_bn(conv(stride=self.stride, name="conv1"), bn(name="bn1"), x, relu=True)
         if self.stride != 1 or x.shape[-1] != self.planes:
-            x = _Downsample(self.planes, self.stride, self.freeze_bn, self.dtype,
+            x = _Downsample(self.planes, self.stride, self.freeze_bn, self.bn_rule, self.dtype,
                             name="downsample")(x, train=train)
         return conv_bn(conv(name="conv2"), bn(name="bn2"), y, residual=x, relu=True)
 
@@ -59,19 +63,21 @@ class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        bn = partial(BatchNorm, frozen=self.freeze_bn or not train, dtype=self.dtype)
+        bn = partial(BatchNorm, frozen=self.freeze_bn or not train, rule=self.bn_rule,
+                     dtype=self.dtype)
         out = self.planes * self.expansion
         y = conv_bn(Conv(self.planes, 1, dtype=self.dtype, name="conv1"), bn(name="bn1"), x,
                     relu=True)
         y = conv_bn(Conv(self.planes, 3, stride=self.stride, padding=1, dtype=self.dtype,
                          name="conv2"), bn(name="bn2"), y, relu=True)
         if self.stride != 1 or x.shape[-1] != out:
-            x = _Downsample(out, self.stride, self.freeze_bn, self.dtype,
+            x = _Downsample(out, self.stride, self.freeze_bn, self.bn_rule, self.dtype,
                             name="downsample")(x, train=train)
         return conv_bn(Conv(out, 1, dtype=self.dtype, name="conv3"), bn(name="bn3"), y,
                        residual=x, relu=True)
@@ -85,13 +91,15 @@ class _Stage(nn.Module):
     blocks: int
     stride: int
     freeze_bn: bool
+    bn_rule: BatchNormRule
     dtype: Any
 
     @nn.compact
     def __call__(self, x, *, train):
         for i in range(self.blocks):
             x = self.block(self.planes, stride=self.stride if i == 0 else 1,
-                           freeze_bn=self.freeze_bn, dtype=self.dtype, name=str(i))(x, train=train)
+                           freeze_bn=self.freeze_bn, bn_rule=self.bn_rule,
+                           dtype=self.dtype, name=str(i))(x, train=train)
         return x
 
 
@@ -105,22 +113,25 @@ class ResNet(nn.Module):
       block: BasicBlock (ResNet-18/34) or Bottleneck (ResNet-50/101).
       stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
       freeze_bn: BatchNorm always uses (and never updates) its running statistics.
+      bn_rule: how a training BatchNorm updates its statistics (layers.BatchNormRule).
       dtype: computation dtype; parameters stay float32.
     """
 
     block: Any
     stage_sizes: Sequence[int]
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         x = images.astype(self.dtype)
         x = conv_bn(Conv(64, 7, stride=2, padding=3, dtype=self.dtype, name="conv1"),
-                    BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype, name="bn1"),
+                    BatchNorm(frozen=self.freeze_bn or not train, rule=self.bn_rule,
+                              dtype=self.dtype, name="bn1"),
                     x, relu=True)
         x = max_pool(x, window=3, stride=2, padding=1)
         for i, blocks in enumerate(self.stage_sizes):
             x = _Stage(self.block, 64 * 2**i, blocks, 1 if i == 0 else 2, self.freeze_bn,
-                       self.dtype, name=f"layer{i + 1}")(x, train=train)
+                       self.bn_rule, self.dtype, name=f"layer{i + 1}")(x, train=train)
         return x

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from proxy_jax.models.layers import BatchNorm, Conv, conv_bn, max_pool
+from proxy_jax.models.layers import BatchNorm, BatchNormRule, Conv, conv_bn, max_pool
 
 __all__ = ["TinyCNN"]
 
@@ -27,6 +27,7 @@ class TinyCNN(nn.Module):
     """
 
     freeze_bn: bool = True
+    bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -38,7 +39,8 @@ class TinyCNN(nn.Module):
             if i > 1:
                 x = max_pool(x, window=2, stride=2)
             x = conv_bn(Conv(width, 3, padding=1, dtype=self.dtype, name=f"conv{i}"),
-                        BatchNorm(frozen=self.freeze_bn or not train, dtype=self.dtype,
+                        BatchNorm(frozen=self.freeze_bn or not train, rule=self.bn_rule,
+                                  dtype=self.dtype,
                                   name=f"bn{i}"),
                         x, relu=True)
         return x
