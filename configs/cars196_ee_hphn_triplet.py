@@ -10,7 +10,9 @@ Seed command (clovaai/embedding-expansion README, "EE + HPHN-triplet (n_inner_po
     --epochs=4000 --eval_epoch_term=5 --save_dir=results/inner-2
 
 Batches hold same-class pairs at (2i, 2i+1) (32 instances per class); each pair adds two
-l2-normalized inner points. Published (README): best Recall@1 74.5 (71.6 in the paper).
+l2-normalized inner points. Transforms as cars196_hphn_triplet (the official
+Random2DTranslation + flip, test squash resize to 227, OpenCV bilinear). Published (README):
+best Recall@1 74.5 (71.6 in the paper).
 """
 
 from configs import cars196_hphn_triplet

@@ -24,10 +24,16 @@ Defaults of its main.py that the command keeps, and what they mean here:
   the moving variance with the biased batch variance: bn_running_var 'biased'.
 * Embedding layer Xavier(magnitude=2), bias 0; GAP; l2-normalized output.
 
-Differences that remain: the official train augmentation is Random2DTranslation (resize to
-1.125× and a random 227 crop, or a plain resize, p=0.5) + flip and the test transform a
-square resize to 227; proxy_jax's transforms are RandomResizedCrop(227) + flip and
-Resize(227) + CenterCrop(227). The official GoogLeNet is gluoncv's, proxy_jax's torchvision's.
+* Augmentation (``transforms/transforms.py``): train ``Random2DTranslation(227, 227)`` (p=0.5
+  a squash resize to 227×227, otherwise a squash resize to round(227·1.125)=255 and a random
+  227×227 window) + ``RandomFlipLeftRight``; test ``Resize((227, 227))``; MXNet's resizes are
+  OpenCV bilinear (``interpolation=1``): ``data.train_augment='ee_random_2d_translation'``,
+  ``data.eval_resize_mode='squash'`` (``'random_resized_crop'`` and
+  ``'short_side_center_crop'`` give the torchvision seeds' transforms instead).
+
+Differences that remain: the official GoogLeNet is gluoncv's, proxy_jax's torchvision's.
+Images are decoded by PIL, not by MXNet's OpenCV ``imread``, and MXNet's flip leaves the
+middle column of the (odd, 227-wide) image unwritten (apache/mxnet#18911); ours mirrors it.
 
 Published: no HPHN-only number in the README text (its figure plots the curve).
 """
@@ -46,7 +52,9 @@ def get_config():
     config.data.dataset = "cars196"
     config.data.root = "./data/CARS_196"
     config.data.input_size = 227
-    config.data.resize = 227
+    config.data.resize = 227  # unused by the 'squash' test resize
+    config.data.train_augment = "ee_random_2d_translation"
+    config.data.eval_resize_mode = "squash"
     config.data.batch_size = 128
     config.data.n_instance = 32
     config.data.num_workers = 10

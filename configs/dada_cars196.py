@@ -10,8 +10,10 @@ Seed command (Noahsark/DADA README, with the Cars196 config)::
 lr 1.2e-4, lr_reduce_step 10 (rate 0.5), mix_alpha 2, mix_beta 1, oproxy_ratio 0.0075,
 warmup 5 (backbone frozen for 5 epochs); batch 90, 2 images per class; evaluation
 Recall@{1,2,4}, F1, MAP@R. Architecture ``resnet50_frozen_layernorm_double``.
-Not reproduced: ``augmentation: auto`` (torchvision AutoAugment before the crop);
-proxy_jax's train transform is the base RandomResizedCrop + flip.
+``augmentation: auto`` (``datasets/basic_dataset.py``): torchvision's ``AutoAugment()``
+(ImageNet policy, NEAREST, black fill) on the whole image, then RandomResizedCrop(224) +
+flip: ``data.autoaugment = True`` (False gives the base augmentation, as DADA's other
+data sets use).
 
 Published: the official README publishes no number (the paper's tables are not restated).
 """
@@ -25,6 +27,7 @@ def get_config():
     config.num_epochs = 60
     config.data.dataset = "cars196"
     config.data.root = "./data/CARS_196"
+    config.data.autoaugment = True  # configs/cars.yaml: augmentation: auto
 
     config.optimizer.backbone_lr = 1.2e-4
     config.optimizer.embedding_lr = 1.2e-4

@@ -28,9 +28,15 @@ quote the seeds' own 1-based flags):
 * ``data``: ``dataset`` ('embedded', 'folder', 'cub200', 'cars196', 'sop', 'inshop',
   'tfds'),
   ``root`` (for 'embedded': where the generated set is written; '' means
-  ``~/.cache/proxy_jax/embedded``), ``input_size`` and ``resize`` (train
-  RandomResizedCrop(input_size, scale=(crop_scale_min, 1)) + flip; test Resize(resize) +
-  CenterCrop(input_size)),
+  ``~/.cache/proxy_jax/embedded``), ``input_size``, ``resize``, ``crop_scale_min``,
+  ``train_augment`` (the crop before the flip: 'random_resized_crop',
+  RandomResizedCrop(input_size, scale=(crop_scale_min, 1)), the torchvision seeds'; or
+  'ee_random_2d_translation', Embedding Expansion's Random2DTranslation(input_size)),
+  ``autoaugment`` (True: torchvision's ImageNet AutoAugment on the whole image first, as
+  DADA's ``augmentation: auto``), ``eval_resize_mode`` ('short_side_center_crop':
+  Resize(resize) of the shorter side + CenterCrop(input_size); 'squash': a resize to
+  input_size x input_size with OpenCV's bilinear, Embedding Expansion's); see
+  ``proxy_jax.data.transforms.transform_from_config``,
   ``batch_size`` (the global batch over all devices and hosts), ``n_instance``
   (images per class in a batch; 1 = plain shuffling), ``num_workers``,
   ``eval_batch_size``.
@@ -79,6 +85,7 @@ from typing import Optional
 import ml_collections
 
 from proxy_jax import methods, models, objective, optim
+from proxy_jax.data import transforms
 from proxy_jax.data.splits import DATASETS
 
 __all__ = ["base_config", "validate", "load_config_file", "field_paths",
@@ -125,6 +132,9 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.data.input_size = 224
     c.data.resize = 256
     c.data.crop_scale_min = 0.08
+    c.data.train_augment = "random_resized_crop"
+    c.data.autoaugment = False
+    c.data.eval_resize_mode = "short_side_center_crop"
     c.data.batch_size = 128
     c.data.n_instance = 1
     c.data.num_workers = 4
@@ -204,6 +214,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c = config
     method = methods.get_method(c.method)
     _one_of("data.dataset", c.data.dataset, DATASETS)
+    _one_of("data.train_augment", c.data.train_augment, transforms.TRAIN_AUGMENTS)
+    _one_of("data.eval_resize_mode", c.data.eval_resize_mode, transforms.EVAL_RESIZE_MODES)
     _one_of("model.pooling", c.model.pooling, _POOLINGS)
     _one_of("model.dtype", c.model.dtype, _DTYPES)
     _one_of("model.bn_running_var", c.model.bn_running_var, _BN_RUNNING_VARS)
@@ -243,7 +255,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.optimizer.eps must be > 0, got {c.optimizer.eps}")
     if not c.eval.ks or min(c.eval.ks) < 1:
         raise ValueError(f"config.eval.ks must be positive integers, got {c.eval.ks!r}")
-    if c.data.input_size > c.data.resize:
+    if c.data.eval_resize_mode == "short_side_center_crop" and c.data.input_size > c.data.resize:
         raise ValueError(f"config.data.input_size ({c.data.input_size}) must be <= "
                          f"config.data.resize ({c.data.resize}): the test crop is taken from "
                          "the resized image")

@@ -47,7 +47,7 @@ def embed_dataset(embed_fn: Callable, variables: dict, dataset, config, mesh: Me
     loader = pipeline.make_loader(
         dataset, batch_size=batch_size,
         sampler=samplers.ShuffleSampler(len(dataset), shuffle=False),
-        transform=transforms.eval_transform(config.data.resize, config.data.input_size, norm),
+        transform=transforms.transform_from_config(config.data, norm, training=False),
         num_workers=config.data.num_workers, seed=0, drop_remainder=False, num_epochs=1,
         shard_index=jax.process_index(), shard_count=jax.process_count())
     outputs, labels = [], []

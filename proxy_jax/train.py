@@ -340,9 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     loader = pipeline.make_loader(
         run.data.train, batch_size=config.data.batch_size, sampler=run.sampler,
-        transform=transforms.train_transform(config.data.input_size,
-                                             models.input_normalization(config.model.backbone),
-                                             scale=(config.data.crop_scale_min, 1.0)),
+        transform=transforms.transform_from_config(
+            config.data, models.input_normalization(config.model.backbone), training=True),
         num_workers=config.data.num_workers, seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True)
     if loader_state is not None:

@@ -83,8 +83,9 @@ def test_config_trains_one_step_on_tiny_shapes(path, tiny_root):
     run = train.build(config)
     loader = pipeline.make_loader(
         run.data.train, batch_size=8, sampler=run.sampler,
-        transform=transforms.train_transform(16, models.input_normalization(run.config.model.backbone)), num_workers=0,
-        seed=0)
+        transform=transforms.transform_from_config(
+            run.config.data, models.input_normalization(run.config.model.backbone), training=True),
+        num_workers=0, seed=0)
     batch = next(loader)
     run.plan.check_batch(np.asarray(batch["label"]))
     step = parallel.parallelize(run.plan.step_fn, run.mesh)
@@ -107,11 +108,31 @@ def _bad(config, **changes):
     ({"eval.ks": (0, 1)}, "config.eval.ks"),
     ({"model.bn_momentum": 0.0}, "config.model.bn_momentum must lie in"),
     ({"model.bn_running_var": "sample"}, "config.model.bn_running_var must be one of"),
+    ({"data.train_augment": "ee"}, r"config.data.train_augment must be one of \['random_resized_crop'"),
+    ({"data.eval_resize_mode": "crop"}, "config.data.eval_resize_mode must be one of"),
 ])
 def test_validate_names_the_bad_field(changes, message):
     config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))
     with pytest.raises(ValueError, match=message):
         config_utils.validate(_bad(config, **changes))
+
+
+def test_recipes_take_their_official_transforms():
+    # Embedding Expansion's repository (both its configs): Random2DTranslation + flip, test
+    # squash resize; DADA: AutoAugment only where its yaml says 'augmentation: auto' (Cars).
+    def load(name):
+        return config_utils.load_config_file(os.path.join(REPO, "configs", f"{name}.py")).data
+
+    for name in ("cars196_hphn_triplet", "cars196_ee_hphn_triplet"):
+        data = load(name)
+        assert (data.train_augment, data.eval_resize_mode, data.autoaugment) == (
+            "ee_random_2d_translation", "squash", False)
+    for name, auto in [("dada_cars196", True), ("dada_cub200", False), ("dada_sop", False),
+                       ("dada_inshop", False)]:
+        data = load(name)
+        assert (data.train_augment, data.eval_resize_mode, data.autoaugment) == (
+            "random_resized_crop", "short_side_center_crop", auto)
+    assert load("default").train_augment == "random_resized_crop"
 
 
 def test_locked_config_refuses_unknown_deleted_and_mistyped_fields():

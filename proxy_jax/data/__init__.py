@@ -6,7 +6,8 @@
   embedded default data set (:func:`ensure_embedded_dataset`); :func:`load_splits` gives the
   train/test(/gallery) sets a config's ``data.dataset`` names;
 * samplers: which images form each global batch, deterministic from (seed, epoch);
-* transforms: torchvision's PIL path, pixel for pixel, plus each backbone's normalization;
+* transforms: torchvision's PIL path (with AutoAugment) and Embedding Expansion's MXNet/OpenCV
+  transforms, pixel for pixel, plus each backbone's normalization;
 * pipeline: :func:`make_loader`, grain worker processes feeding fixed-shape numpy batches
   with an exactly restorable iterator state.
 """
@@ -21,5 +22,6 @@ from proxy_jax.data.samplers import (
 from proxy_jax.data.splits import Splits, load_splits
 from proxy_jax.data.tfds_sources import TFDS_BENCHMARKS, TfdsDataset
 from proxy_jax.data.transforms import (
-    UNIT_RANGE, CenterCrop, Compose, InputNormalization, RandomHorizontalFlip, RandomResizedCrop,
-    Resize, eval_transform, normalize, train_transform)
+    UNIT_RANGE, AutoAugment, CenterCrop, Compose, InputNormalization, Random2DTranslation,
+    RandomHorizontalFlip, RandomResizedCrop, Resize, SquashResize, eval_transform, normalize,
+    train_transform, transform_from_config)

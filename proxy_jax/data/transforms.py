@@ -7,6 +7,13 @@ same PIL calls, so for the same image and the same crop parameters the pixels ar
 identical; randomness comes from a ``numpy.random.Generator`` instead of torch's global
 RNG, so a loader can make it a pure function of ``(seed, epoch, slot)``.
 
+Two recipes need more: DADA on Cars196 puts torchvision's ImageNet :class:`AutoAugment`
+before the crop (PIL ops, the same calls as torchvision's), and Embedding Expansion (MXNet)
+trains with :class:`Random2DTranslation` and tests with :class:`SquashResize`, whose
+resizes are OpenCV's fixed-point bilinear (:func:`opencv_bilinear_resize`), not PIL's.
+:func:`transform_from_config` builds the train or test transform a config's ``data``
+section names.
+
 A transform is a callable ``transform(image, rng) -> uint8 [H, W, 3]`` with an attribute
 ``norm``: the pipeline moves uint8 pixels between processes (4x less than float32) and
 converts them with :func:`normalize` as late as possible. ``norm`` is an
@@ -31,7 +38,7 @@ import math
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 __all__ = [
     "InputNormalization",
@@ -41,8 +48,20 @@ __all__ = [
     "Resize",
     "CenterCrop",
     "Compose",
+    "SquashResize",
+    "Random2DTranslation",
+    "AutoAugment",
+    "IMAGENET_POLICY",
+    "TRAIN_AUGMENTS",
+    "EVAL_RESIZE_MODES",
     "train_transform",
     "eval_transform",
+    "transform_from_config",
+    "opencv_bilinear_resize",
+    "random_2d_translation_params",
+    "autoaugment_magnitude",
+    "autoaugment_op",
+    "autoaugment_apply",
     "random_resized_crop_params",
     "resized_crop",
     "resize",
@@ -191,6 +210,217 @@ def center_crop(image: Image.Image, size: Size) -> Image.Image:
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
+# --- OpenCV's bilinear resize (the MXNet seeds': Embedding Expansion) -------------------
+
+# OpenCV's INTER_LINEAR on uint8 works in fixed point: 11-bit weights per axis.
+_CV_COEF_BITS = 11
+_CV_COEF_ONE = 1 << _CV_COEF_BITS
+
+
+def _opencv_linear_taps(out_size: int, in_size: int, *, clamp_weights: bool):
+    """Source indices ``i0, i1`` [out] int and 11-bit weights ``w0, w1`` [out] int32.
+
+    Output pixel ``d`` samples ``(d + 0.5) * in / out - 0.5`` (computed in float64, then
+    rounded to float32, as OpenCV does); weights are ``rint((1 - f) * 2048)`` and
+    ``rint(f * 2048)`` of the float32 fraction ``f``. Columns (``clamp_weights=True``)
+    outside ``[0, in - 1)`` take the edge pixel with weights (2048, 0); rows keep their
+    fraction and read the clamped edge row twice, as OpenCV's vertical pass does (the two
+    floor divisions of that pass make the difference visible).
+    """
+    scale = 1.0 / (float(out_size) / float(in_size))
+    pos = ((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    start = np.floor(pos).astype(np.int64)
+    frac = (pos - start.astype(np.float32)).astype(np.float32)
+    if clamp_weights:
+        edge = (start < 0) | (start >= in_size - 1)
+        frac[edge] = 0.0
+        start = np.clip(start, 0, in_size - 1)
+    w0 = np.rint((np.float32(1.0) - frac) * np.float32(_CV_COEF_ONE)).astype(np.int32)
+    w1 = np.rint(frac * np.float32(_CV_COEF_ONE)).astype(np.int32)
+    return np.clip(start, 0, in_size - 1), np.clip(start + 1, 0, in_size - 1), w0, w1
+
+
+def opencv_bilinear_resize(image: Image.Image, size: Size) -> Image.Image:
+    """Resize to exactly ``size`` (aspect ratio not kept) with OpenCV's INTER_LINEAR.
+
+    MXNet's ``image.resize`` / gluon ``transforms.Resize((w, h), interpolation=1)`` (the
+    Embedding Expansion seed's resize) call OpenCV ``cv::resize(..., INTER_LINEAR)``:
+    plain bilinear sampling (no antialiasing, unlike PIL's BILINEAR on downscaling) with
+    fixed-point arithmetic. This is that arithmetic in NumPy: a horizontal pass ``h =
+    p0 * w0 + p1 * w1`` (int32, weights from :func:`_opencv_linear_taps`), then the vertical
+    pass of OpenCV's SSE2 kernel, ``((h0 >> 4) * v0 >> 16) + ((h1 >> 4) * v1 >> 16) + 2 >> 2``,
+    so the uint8 output equals MXNet 1.9.1's bit for bit (tests/data/test_transforms.py).
+
+    Args:
+      image: a PIL image of mode RGB or L.
+      size: int or ``(height, width)`` of the output.
+
+    Returns:
+      PIL image of ``size``, same mode.
+    """
+    out_h, out_w = _pair(size, "size")
+    pixels = np.asarray(_check_image(image), dtype=np.uint8)
+    if pixels.ndim not in (2, 3):
+        raise ValueError(f"image must be RGB or L, got mode {image.mode}")
+    channels = pixels.reshape(pixels.shape[0], pixels.shape[1], -1)
+    in_h, in_w = channels.shape[:2]
+    x0, x1, a0, a1 = _opencv_linear_taps(out_w, in_w, clamp_weights=True)
+    y0, y1, b0, b1 = _opencv_linear_taps(out_h, in_h, clamp_weights=False)
+    # The horizontal pass only for the source rows the vertical pass reads.
+    used, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
+    source = channels[used].astype(np.int32)
+    rows = (source[:, x0] * a0[None, :, None] + source[:, x1] * a1[None, :, None]) >> 4
+    top, bottom = rows[inverse[:out_h]], rows[inverse[out_h:]]
+    out = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
+    out = np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
+    return Image.fromarray(out.reshape((out_h, out_w) + pixels.shape[2:]), mode=image.mode)
+
+
+def random_2d_translation_params(rng: np.random.Generator, *, p: float, margin_w: int,
+                                 margin_h: int) -> Optional[tuple[int, int]]:
+    """The draws of Embedding Expansion's ``Random2DTranslation``.
+
+    One ``rng.random()``: below ``p`` means no translation (``None``). Otherwise the crop's
+    ``(left, top)`` offsets in the enlarged image, each ``round(U(0, margin))`` with
+    Python's round (half to even), left first.
+    """
+    if rng.random() < p:
+        return None
+    left = int(round(float(rng.uniform(0, margin_w))))
+    top = int(round(float(rng.uniform(0, margin_h))))
+    return left, top
+
+
+# --- AutoAugment (torchvision's, PIL ops) -----------------------------------------------
+
+# The ImageNet policy of AutoAugment (Cubuk et al., CVPR 2019, Table 9), as torchvision's
+# ``AutoAugmentPolicy.IMAGENET`` lists it: 25 sub-policies of two (op, probability,
+# magnitude bin of 10, or None) each.
+IMAGENET_POLICY = (
+    (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, None)),
+    (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+    (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+    (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+    (("Equalize", 0.0, None), ("Equalize", 0.8, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+    (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, None)),
+    (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+    (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+    (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+    (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+)
+
+_AUTOAUGMENT_BINS = 10
+
+
+def _float32_linspace(start: float, end: float, num: int) -> np.ndarray:
+    """``torch.linspace(start, end, num)`` in float32: ``start + step * i`` for the first
+    half, ``end - step * (num - 1 - i)`` for the rest, ``step`` computed in float32."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = (end32 - start32) / np.float32(num - 1)
+    i = np.arange(num)
+    low = start32 + step * i.astype(np.float32)
+    high = end32 - step * (num - 1 - i).astype(np.float32)
+    return np.where(i < num // 2, low, high).astype(np.float32)
+
+
+# op name -> (magnitudes of the 10 bins, signed): torchvision's ``_augmentation_space`` for
+# the ops the ImageNet policy uses (none of them depends on the image size).
+_AUTOAUGMENT_SPACE = {
+    "ShearX": (_float32_linspace(0.0, 0.3, _AUTOAUGMENT_BINS), True),
+    "Rotate": (_float32_linspace(0.0, 30.0, _AUTOAUGMENT_BINS), True),
+    "Color": (_float32_linspace(0.0, 0.9, _AUTOAUGMENT_BINS), True),
+    "Contrast": (_float32_linspace(0.0, 0.9, _AUTOAUGMENT_BINS), True),
+    "Sharpness": (_float32_linspace(0.0, 0.9, _AUTOAUGMENT_BINS), True),
+    # 8 - round(bin / 2.25): 8, 8, 7, 7, 6, 6, 5, 5, 4, 4 bits (round half to even).
+    "Posterize": (8 - np.rint(np.arange(_AUTOAUGMENT_BINS, dtype=np.float32)
+                              / np.float32((_AUTOAUGMENT_BINS - 1) / 4)), False),
+    "Solarize": (_float32_linspace(255.0, 0.0, _AUTOAUGMENT_BINS), False),
+    "AutoContrast": (None, False),
+    "Equalize": (None, False),
+    "Invert": (None, False),
+}
+
+
+def autoaugment_magnitude(op: str, bin_index: Optional[int], negate: bool) -> float:
+    """The magnitude torchvision's AutoAugment passes to ``op`` for a bin (10 bins).
+
+    ``float`` of the float32 table value, negated when ``negate`` and the op is signed;
+    0.0 for the ops without magnitude (``bin_index`` None).
+    """
+    if op not in _AUTOAUGMENT_SPACE:
+        raise ValueError(f"op must be one of {sorted(_AUTOAUGMENT_SPACE)}, got {op!r}")
+    magnitudes, signed = _AUTOAUGMENT_SPACE[op]
+    if bin_index is None or magnitudes is None:
+        return 0.0
+    magnitude = float(magnitudes[bin_index])
+    return -magnitude if signed and negate else magnitude
+
+
+def autoaugment_op(image: Image.Image, op: str, magnitude: float) -> Image.Image:
+    """One AutoAugment op on a PIL image, as torchvision's ``_apply_op`` does on PIL.
+
+    Geometric ops sample with NEAREST and fill the uncovered area with black (torchvision's
+    default ``fill=None``). ``ShearX`` shears about the top-left corner with the inverse map
+    ``x' = x + tan(radians(degrees(atan(m)))) * y`` (torchvision's float path); ``Rotate`` turns
+    by ``m`` degrees counter-clockwise about the centre without expanding; Color, Contrast and
+    Sharpness are PIL enhancers with factor ``1 + m``; Posterize keeps ``int(m)`` bits;
+    Solarize inverts pixels ``>= m``; AutoContrast, Equalize and Invert are ``ImageOps``'s.
+    """
+    image = _check_image(image)
+    fill = (0,) * len(image.getbands()) if len(image.getbands()) > 1 else 0
+    if op == "ShearX":
+        slope = math.tan(math.radians(math.degrees(math.atan(magnitude))))
+        return image.transform(image.size, Image.AFFINE, (1.0, slope, 0.0, 0.0, 1.0, 0.0),
+                               Image.NEAREST, fillcolor=fill)
+    if op == "Rotate":
+        return image.rotate(magnitude, Image.NEAREST, False, None, fillcolor=fill)
+    if op == "Color":
+        return ImageEnhance.Color(image).enhance(1.0 + magnitude)
+    if op == "Contrast":
+        return ImageEnhance.Contrast(image).enhance(1.0 + magnitude)
+    if op == "Sharpness":
+        return ImageEnhance.Sharpness(image).enhance(1.0 + magnitude)
+    if op == "Posterize":
+        return ImageOps.posterize(image, int(magnitude))
+    if op == "Solarize":
+        return ImageOps.solarize(image, magnitude)
+    if op == "AutoContrast":
+        return ImageOps.autocontrast(image)
+    if op == "Equalize":
+        return ImageOps.equalize(image)
+    if op == "Invert":
+        return ImageOps.invert(image)
+    raise ValueError(f"op must be one of {sorted(_AUTOAUGMENT_SPACE)}, got {op!r}")
+
+
+def autoaugment_apply(image: Image.Image, sub_policy: Sequence, probs: Sequence[float],
+                      signs: Sequence[int]) -> Image.Image:
+    """Apply one sub-policy with given draws, as torchvision's ``AutoAugment.forward``.
+
+    Op ``i`` of ``sub_policy`` (``(name, probability, bin)``) runs when ``probs[i] <=
+    probability``; a signed op's magnitude is negated when ``signs[i] == 0``.
+    """
+    for (op, probability, bin_index), prob, sign in zip(sub_policy, probs, signs):
+        if prob <= probability:
+            image = autoaugment_op(image, op, autoaugment_magnitude(op, bin_index, sign == 0))
+    return image
+
+
 def to_uint8_array(image: Image.Image) -> np.ndarray:
     """PIL image -> uint8 ``[H, W, 3]`` RGB (grayscale, palette, CMYK, alpha converted)."""
     if _check_image(image).mode != "RGB":
@@ -321,6 +551,86 @@ class CenterCrop:
         return f"CenterCrop(size={self.size})"
 
 
+class SquashResize:
+    """Resize to exactly ``size`` with OpenCV's bilinear, ignoring the aspect ratio.
+
+    The Embedding Expansion seed's test transform, MXNet gluon ``transforms.Resize((w,
+    h))`` with its default ``interpolation=1``; see :func:`opencv_bilinear_resize`.
+    ``__call__(image, rng=None) -> PIL.Image`` of ``size``.
+    """
+
+    def __init__(self, size: Size):
+        self.size = _pair(size, "size")
+
+    def __call__(self, image: Image.Image, rng: Optional[np.random.Generator] = None) -> Image.Image:
+        del rng
+        return opencv_bilinear_resize(image, self.size)
+
+    def __repr__(self):
+        return f"SquashResize(size={self.size})"
+
+
+class Random2DTranslation:
+    """Embedding Expansion's training crop: a squash resize, or a larger one and a crop.
+
+    With probability ``p`` the image is squash-resized to ``size``; otherwise it is
+    squash-resized to ``(round(h * enlarge), round(w * enlarge))`` (255 for 227 with 1.125)
+    and a ``size`` window cut at the offsets of :func:`random_2d_translation_params`.
+    Resizes are OpenCV bilinear (:func:`opencv_bilinear_resize`), as MXNet's.
+    ``__call__(image, rng) -> PIL.Image`` of ``size``; draws ``rng.random()`` and, when it
+    translates, two ``rng.uniform``.
+    """
+
+    def __init__(self, size: Size, *, p: float = 0.5, enlarge: float = 1.125):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        if not enlarge >= 1.0:
+            raise ValueError(f"enlarge must be >= 1, got {enlarge}")
+        self.size = _pair(size, "size")
+        self.p = float(p)
+        self.enlarge = float(enlarge)
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        height, width = self.size
+        big_h, big_w = int(round(height * self.enlarge)), int(round(width * self.enlarge))
+        offsets = random_2d_translation_params(rng, p=self.p, margin_w=big_w - width,
+                                               margin_h=big_h - height)
+        if offsets is None:
+            return opencv_bilinear_resize(image, self.size)
+        left, top = offsets
+        enlarged = opencv_bilinear_resize(image, (big_h, big_w))
+        return enlarged.crop((left, top, left + width, top + height))
+
+    def __repr__(self):
+        return f"Random2DTranslation(size={self.size}, p={self.p}, enlarge={self.enlarge})"
+
+
+class AutoAugment:
+    """torchvision ``AutoAugment(AutoAugmentPolicy.IMAGENET)`` on PIL, NumPy-driven.
+
+    Per image: a sub-policy ``rng.integers(0, 25)``, two probabilities ``rng.random(2)`` and
+    two signs ``rng.integers(0, 2, 2)`` (torchvision draws the same three from torch's RNG),
+    then :func:`autoaugment_apply`. NEAREST sampling and black fill, torchvision's defaults.
+    ``__call__(image, rng) -> PIL.Image`` of the input's size.
+    """
+
+    def __init__(self, policy: Sequence = IMAGENET_POLICY):
+        self.policy = tuple(policy)
+        for sub_policy in self.policy:
+            for op, _, bin_index in sub_policy:
+                autoaugment_magnitude(op, bin_index, False)  # unknown ops fail here
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        index = int(rng.integers(0, len(self.policy)))
+        probs = rng.random(2)
+        signs = rng.integers(0, 2, 2)
+        return autoaugment_apply(_check_image(image), self.policy[index], probs, signs)
+
+    def __repr__(self):
+        name = "IMAGENET" if self.policy == IMAGENET_POLICY else f"{len(self.policy)} sub-policies"
+        return f"AutoAugment(policy={name})"
+
+
 class Compose:
     """PIL ops in sequence, then uint8 ``[H, W, 3]``; carries the ``norm`` to apply later.
 
@@ -357,3 +667,71 @@ def train_transform(size: Size, norm=None, *, scale: tuple = (0.08, 1.0),
 def eval_transform(resize: Size, size: Size, norm=None) -> Compose:
     """The seeds' evaluation transform: Resize(resize) (shorter side) + CenterCrop(size)."""
     return Compose([Resize(resize), CenterCrop(size)], norm=norm)
+
+
+# --- the transforms a config names -------------------------------------------------------
+
+def _random_resized_crop(data) -> list:
+    return [RandomResizedCrop(data.input_size, scale=(data.crop_scale_min, 1.0))]
+
+
+def _ee_random_2d_translation(data) -> list:
+    return [Random2DTranslation(data.input_size)]
+
+
+def _short_side_center_crop(data) -> list:
+    return [Resize(data.resize), CenterCrop(data.input_size)]
+
+
+def _squash(data) -> list:
+    return [SquashResize(data.input_size)]
+
+
+# config.data.train_augment -> the crop before the flip; config.data.eval_resize_mode -> the
+# test-time geometry.
+TRAIN_AUGMENTS = {
+    "random_resized_crop": _random_resized_crop,
+    "ee_random_2d_translation": _ee_random_2d_translation,
+}
+EVAL_RESIZE_MODES = {
+    "short_side_center_crop": _short_side_center_crop,
+    "squash": _squash,
+}
+
+
+def transform_from_config(data, norm=None, *, training: bool) -> Compose:
+    """The train or test transform of a config's ``data`` section.
+
+    Training: ``[AutoAugment() if data.autoaugment] + TRAIN_AUGMENTS[data.train_augment] +
+    RandomHorizontalFlip(0.5)``, i.e.
+
+    * 'random_resized_crop': RandomResizedCrop(input_size, scale=(crop_scale_min, 1)), the
+      torchvision seeds';
+    * 'ee_random_2d_translation': :class:`Random2DTranslation` (input_size), Embedding
+      Expansion's;
+
+    and AutoAugment (ImageNet policy) on the whole image before the crop, as DADA's
+    ``augmentation: auto``. Test: ``EVAL_RESIZE_MODES[data.eval_resize_mode]``:
+
+    * 'short_side_center_crop': Resize(resize) of the shorter side + CenterCrop(input_size);
+    * 'squash': :class:`SquashResize` (input_size), Embedding Expansion's.
+
+    Args:
+      data: an object with the fields above (a config's ``data`` ConfigDict).
+      norm: the :class:`InputNormalization` the batches carry.
+      training: which of the two.
+
+    Raises:
+      ValueError: naming the field whose value is not a known name.
+    """
+    if training:
+        if data.train_augment not in TRAIN_AUGMENTS:
+            raise ValueError(f"config.data.train_augment must be one of {list(TRAIN_AUGMENTS)}, "
+                             f"got {data.train_augment!r}")
+        ops = [AutoAugment()] if data.autoaugment else []
+        ops += TRAIN_AUGMENTS[data.train_augment](data) + [RandomHorizontalFlip(0.5)]
+        return Compose(ops, norm=norm)
+    if data.eval_resize_mode not in EVAL_RESIZE_MODES:
+        raise ValueError(f"config.data.eval_resize_mode must be one of "
+                         f"{list(EVAL_RESIZE_MODES)}, got {data.eval_resize_mode!r}")
+    return Compose(EVAL_RESIZE_MODES[data.eval_resize_mode](data), norm=norm)
