@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from proxy_jax.losses import l2_normalize, proxy_anchor_neg_terms, proxy_anchor_pos_terms
+from proxy_jax.models.layers import BatchNorm
 
 Array = jax.Array
 
@@ -503,18 +504,9 @@ def _linear(features: int, fan_in: int, name: str) -> nn.Dense:
     )
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-    # torch.nn.BatchNorm1d: eps 1e-5, running-average momentum 0.1 (Flax 0.9). Flax updates
-    # the running variance with the biased batch variance, torch with the unbiased one;
-    # DADA never reads the running statistics (its discriminators always run in training
-    # mode), so only the training-mode outputs have to agree, and they do.
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        use_fast_variance=False,
-        name=name,
-    )
+def _batch_norm(train: bool, name: str) -> BatchNorm:
+    # torch.nn.BatchNorm1d: eps 1e-5, momentum 0.1, unbiased variance in the running one.
+    return BatchNorm(frozen=not train, name=name)
 
 
 def _activation(name: str):

@@ -532,10 +532,11 @@ def _check_full_update(f, config, gen, result):
                  what="proxy update")
     assert_close(g_new["model"]["w"] - gen["model"]["w"],
                  f["step_model.weight"] - f["model.weight"], rtol=1e-3, what="network update")
-    # Running means follow torch (the variance differs by design: see dada._batch_norm).
+    # Running statistics follow torch (unbiased variance, momentum 0.1).
     for sub, off in (("domain", "step_domain"), ("classifier", "step_class")):
         for name, s in stats[sub].items():
             assert_close(s["mean"], f[f"{off}.{name}_fc.running_mean"], what=f"{sub} {name} mean")
+            assert_close(s["var"], f[f"{off}.{name}_fc.running_var"], what=f"{sub} {name} var")
     if config.pos_class_mix:
         assert float(metrics["pair_count"]) == 3
 
