@@ -32,8 +32,11 @@ quote the seeds' own 1-based flags):
   RandomResizedCrop(input_size, scale=(crop_scale_min, 1)) + flip; test Resize(resize) +
   CenterCrop(input_size)),
   ``batch_size`` (the global batch over all devices and hosts), ``n_instance``
-  (images per class in a batch; 1 = plain shuffling), ``num_workers``,
-  ``eval_batch_size``.
+  (images per class in a batch; 1 = plain shuffling), ``sampler`` (a name of
+  ``proxy_jax.data.samplers.SAMPLERS``: 'class_balanced', distinct uniform classes of
+  ``n_instance`` images, plain shuffling when ``n_instance`` is 1; 'shuffle';
+  'classes_with_replacement', DADA's official sampler; 'classes_by_image_count',
+  Embedding Expansion's), ``num_workers``, ``eval_batch_size``.
 * ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim``, ``pooling``
   ('gap', 'gmp', 'gap+gmp'), ``l2_normalize``, ``freeze_bn``, ``pretrained`` (a file
   written by ``python -m proxy_jax.convert``; '' trains from scratch), ``dtype``
@@ -76,6 +79,7 @@ from typing import Optional
 import ml_collections
 
 from proxy_jax import methods, models, objective, optim
+from proxy_jax.data import samplers
 from proxy_jax.data.splits import DATASETS
 
 __all__ = ["base_config", "validate", "load_config_file", "field_paths",
@@ -123,6 +127,7 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.data.crop_scale_min = 0.08
     c.data.batch_size = 128
     c.data.n_instance = 1
+    c.data.sampler = "class_balanced"
     c.data.num_workers = 4
     c.data.eval_batch_size = 128
 
@@ -198,6 +203,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     c = config
     method = methods.get_method(c.method)
     _one_of("data.dataset", c.data.dataset, DATASETS)
+    _one_of("data.sampler", c.data.sampler, samplers.SAMPLERS)
     _one_of("model.pooling", c.model.pooling, _POOLINGS)
     _one_of("model.dtype", c.model.dtype, _DTYPES)
     _one_of("model.embedding_init", c.model.embedding_init, sorted(models.EMBEDDING_INITS))

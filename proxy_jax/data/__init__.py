@@ -17,7 +17,8 @@ from proxy_jax.data.embedded import ensure_embedded_dataset
 from proxy_jax.data.pipeline import DatasetItemError, Loader, make_loader
 from proxy_jax.data.prepare import prepare
 from proxy_jax.data.samplers import (
-    PAD_INDEX, ClassBalancedSampler, Sampler, ShuffleSampler)
+    PAD_INDEX, SAMPLERS, ClassBalancedSampler, ClassesByImageCountSampler,
+    ClassesWithReplacementSampler, Sampler, ShuffleSampler, make_sampler)
 from proxy_jax.data.splits import Splits, load_splits
 from proxy_jax.data.tfds_sources import TFDS_BENCHMARKS, TfdsDataset
 from proxy_jax.data.transforms import (
