@@ -10,6 +10,13 @@ Seed command (Noahsark/DADA README, with the Cars196 config)::
 lr 1.2e-4, lr_reduce_step 10 (rate 0.5), mix_alpha 2, mix_beta 1, oproxy_ratio 0.0075,
 warmup 5 (backbone frozen for 5 epochs); batch 90, 2 images per class; evaluation
 Recall@{1,2,4}, F1, MAP@R. Architecture ``resnet50_frozen_layernorm_double``.
+
+Data: DADA's layout, ``<root>/images/<model name>/*.jpg`` (its README's cars196.tar), split
+as ``datasets/cars196.py`` does: the class folders sorted by name, the first 98 train
+(``data.dataset='cars196_dada'``, :func:`proxy_jax.data.load_dada_folder`). Sorted model
+names need not be class ids 1-98; ``--config.data.dataset=cars196`` with the official
+``cars_annos.mat`` root gives the standard split by id. Batches: the official
+``class_random`` sampler (``data.sampler='classes_with_replacement'``, see dada_base).
 Not reproduced: ``augmentation: auto`` (torchvision AutoAugment before the crop);
 proxy_jax's train transform is the base RandomResizedCrop + flip.
 
@@ -23,8 +30,8 @@ def get_config():
     config = dada_base.get_config()
     config.name = "dada_cars196"
     config.num_epochs = 60
-    config.data.dataset = "cars196"
-    config.data.root = "./data/CARS_196"
+    config.data.dataset = "cars196_dada"  # datasets/cars196.py: sorted folders halved
+    config.data.root = "./data/cars196"  # holds images/<class>/
 
     config.optimizer.backbone_lr = 1.2e-4
     config.optimizer.embedding_lr = 1.2e-4

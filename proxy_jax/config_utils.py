@@ -26,7 +26,7 @@ quote the seeds' own 1-based flags):
 * ``log_every_steps``; ``checkpoint_every_steps`` (``0``: only at evaluations, the end,
   and on SIGINT/SIGTERM).
 * ``data``: ``dataset`` ('embedded', 'folder', 'cub200', 'cars196', 'sop', 'inshop',
-  'tfds'),
+  'tfds', 'cars196_dada', 'cub200_dada': see ``proxy_jax.data.splits``),
   ``root`` (for 'embedded': where the generated set is written; '' means
   ``~/.cache/proxy_jax/embedded``), ``input_size`` and ``resize`` (train
   RandomResizedCrop(input_size, scale=(crop_scale_min, 1)) + flip; test Resize(resize) +

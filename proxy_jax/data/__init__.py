@@ -12,7 +12,7 @@
 """
 from proxy_jax.data.datasets import (
     IMG_EXTENSIONS, ClassSubset, CorruptImageError, ImageDataset, ImageFolder, dataset_labels,
-    decode_image_bytes, load_benchmark, load_image, to_rgb, zero_shot_split)
+    decode_image_bytes, load_benchmark, load_dada_folder, load_image, to_rgb, zero_shot_split)
 from proxy_jax.data.embedded import ensure_embedded_dataset
 from proxy_jax.data.pipeline import DatasetItemError, Loader, make_loader
 from proxy_jax.data.prepare import prepare
