@@ -13,8 +13,12 @@ Defaults of its main.py that the command keeps, and what they mean here:
 
 * margin 1e-5: main.py passes ``--margin`` (default 1e-5) to HPHNTripletLoss, whose own
   default 0.2 is therefore never used; soft_margin False (hard-coded).
-* num_instances 32: class-balanced batches of 4 classes × 32 images; an "epoch" is
-  32 × 98 images, i.e. 24 steps of 128 (steps_per_epoch=24), so 4000 epochs = 96,000 steps.
+* num_instances 32: batches of 4 classes × 32 images from the official ``RandomSampler``
+  (``dataset/sampler.py``; ``data.sampler='classes_by_image_count'``): each group starts at
+  the next image of a shuffled image list whose class is not yet in the batch, so classes
+  are picked in proportion to their image counts ('class_balanced' picks them uniformly);
+  an "epoch" is 32 × 98 images, i.e. 24 steps of 128 (the sampler's epoch; last partial
+  batch discarded), so 4000 epochs = 96,000 steps.
 * Adam (MXNet: eps 1e-8, weight decay 5e-4 added to the gradient), one learning rate for
   all parameters (base_lr_mult 1.0), ×0.5 once the step count passes 400, 800, 1200, 1600
   epochs (MultiFactorScheduler).
@@ -46,7 +50,7 @@ def get_config():
     config.name = "cars196_hphn_triplet"
     config.seed = 0
     config.num_epochs = 4000
-    config.steps_per_epoch = 24  # 32 instances × 98 classes / batch 128
+    config.steps_per_epoch = -1  # the sampler's: 32 instances × 98 classes // 128 = 24
     config.log_every_steps = 10
 
     config.data.dataset = "cars196"
@@ -57,6 +61,7 @@ def get_config():
     config.data.eval_resize_mode = "squash"
     config.data.batch_size = 128
     config.data.n_instance = 32
+    config.data.sampler = "classes_by_image_count"  # the official RandomSampler
     config.data.num_workers = 10
     config.data.eval_batch_size = 128
 

@@ -4,7 +4,11 @@ The official run is ``parameters.py`` defaults overridden by one ``configs/*.yam
 ``configs/dada_*.py`` start here and set what their yaml file sets. Defaults:
 ``arch=resnet50_frozen_layernorm_double`` (ImageNet ResNet-50, BatchNorm frozen,
 GAP + GMP summed, Linear to 512 with torch's default init, LayerNorm without affine,
-no l2 normalization), ``batch_size=90`` of ``samples_per_class=2``, ``n_epochs=50``,
+no l2 normalization), ``batch_size=90`` of ``samples_per_class=2`` drawn by the
+``class_random`` sampler (``data_sampler`` default, ``datasampler/class_random_sampler.py``:
+classes and images with replacement, ``len(train images) // 90`` batches per epoch;
+``data.sampler='classes_with_replacement'``; 'class_balanced' is proxy_jax's
+distinct-class sampler), ``n_epochs=50``,
 Adam (eps 1e-8) ``lr=1e-4``, ``decay=4e-4``, ``warmup=1`` (backbone frozen),
 ``d_warmup=1``, StepLR ``lr_reduce_step=5``, ``lr_reduce_rate=0.5`` (milestones
 [20, 45, 70] for 'multi'), proxies at lr 0.04, discriminators at 5e-4 with
@@ -28,6 +32,7 @@ def get_config():
     c.data.crop_scale_min = 0.08
     c.data.batch_size = 90
     c.data.n_instance = 2
+    c.data.sampler = "classes_with_replacement"  # the official class_random sampler
     c.data.num_workers = 4
     c.data.eval_batch_size = 90
 

@@ -15,6 +15,13 @@ Recall@{1,2,4}, F1, MAP@R. Architecture ``resnet50_frozen_layernorm_double``.
 flip: ``data.autoaugment = True`` (False gives the base augmentation, as DADA's other
 data sets use).
 
+Data: DADA's layout, ``<root>/images/<model name>/*.jpg`` (its README's cars196.tar), split
+as ``datasets/cars196.py`` does: the class folders sorted by name, the first 98 train
+(``data.dataset='cars196_dada'``, :func:`proxy_jax.data.load_dada_folder`). Sorted model
+names need not be class ids 1-98; ``--config.data.dataset=cars196`` with the official
+``cars_annos.mat`` root gives the standard split by id. Batches: the official
+``class_random`` sampler (``data.sampler='classes_with_replacement'``, see dada_base).
+
 Published: the official README publishes no number (the paper's tables are not restated).
 """
 
@@ -25,8 +32,8 @@ def get_config():
     config = dada_base.get_config()
     config.name = "dada_cars196"
     config.num_epochs = 60
-    config.data.dataset = "cars196"
-    config.data.root = "./data/CARS_196"
+    config.data.dataset = "cars196_dada"  # datasets/cars196.py: sorted folders halved
+    config.data.root = "./data/cars196"  # holds images/<class>/
     config.data.autoaugment = True  # configs/cars.yaml: augmentation: auto
 
     config.optimizer.backbone_lr = 1.2e-4

@@ -13,6 +13,12 @@ lr_reduce_step 4, lr_reduce_rate 0.45, mix_alpha 3, mix_beta 0.5, oproxy_ratio 0
 evaluation Recall@{1,2,4}, F1, MAP@R. Architecture ``resnet50_frozen_layernorm_double``
 (BatchNorm frozen).
 
+Data: DADA's layout, ``<root>/images/<id>.<name>/*.jpg`` (the official CUB_200_2011 folder
+has it), split as ``datasets/cub200.py`` does: the class folders sorted by their numeric
+id, the first 100 train (``data.dataset='cub200_dada'``,
+:func:`proxy_jax.data.load_dada_folder`), which is the standard 1-100 / 101-200 split.
+Batches: the official ``class_random`` sampler (``data.sampler='classes_with_replacement'``).
+
 Published: the official README publishes no number (the paper's tables are not restated).
 """
 
@@ -23,8 +29,8 @@ def get_config():
     config = dada_base.get_config()
     config.name = "dada_cub200"
     config.num_epochs = 60
-    config.data.dataset = "cub200"
-    config.data.root = "./data/CUB_200_2011"
+    config.data.dataset = "cub200_dada"  # datasets/cub200.py: folders sorted by id, halved
+    config.data.root = "./data/CUB_200_2011"  # holds images/<id>.<name>/
     config.data.batch_size = 90
     config.data.eval_batch_size = 90
 

@@ -26,7 +26,7 @@ quote the seeds' own 1-based flags):
 * ``log_every_steps``; ``checkpoint_every_steps`` (``0``: only at evaluations, the end,
   and on SIGINT/SIGTERM).
 * ``data``: ``dataset`` ('embedded', 'folder', 'cub200', 'cars196', 'sop', 'inshop',
-  'tfds'),
+  'tfds', 'cars196_dada', 'cub200_dada': see ``proxy_jax.data.splits``),
   ``root`` (for 'embedded': where the generated set is written; '' means
   ``~/.cache/proxy_jax/embedded``), ``input_size``, ``resize``, ``crop_scale_min``,
   ``train_augment`` (the crop before the flip: 'random_resized_crop',
@@ -38,8 +38,11 @@ quote the seeds' own 1-based flags):
   input_size x input_size with OpenCV's bilinear, Embedding Expansion's); see
   ``proxy_jax.data.transforms.transform_from_config``,
   ``batch_size`` (the global batch over all devices and hosts), ``n_instance``
-  (images per class in a batch; 1 = plain shuffling), ``num_workers``,
-  ``eval_batch_size``.
+  (images per class in a batch; 1 = plain shuffling), ``sampler`` (a name of
+  ``proxy_jax.data.samplers.SAMPLERS``: 'class_balanced', distinct uniform classes of
+  ``n_instance`` images, plain shuffling when ``n_instance`` is 1; 'shuffle';
+  'classes_with_replacement', DADA's official sampler; 'classes_by_image_count',
+  Embedding Expansion's), ``num_workers``, ``eval_batch_size``.
 * ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim``, ``pooling``
   ('gap', 'gmp', 'gap+gmp'), ``l2_normalize``, ``freeze_bn``, ``bn_momentum`` and
   ``bn_running_var`` (when BatchNorm trains: torch's momentum, the weight of the new batch
@@ -85,7 +88,7 @@ from typing import Optional
 import ml_collections
 
 from proxy_jax import methods, models, objective, optim
-from proxy_jax.data import transforms
+from proxy_jax.data import samplers, transforms
 from proxy_jax.data.splits import DATASETS
 
 __all__ = ["base_config", "validate", "load_config_file", "field_paths",
@@ -137,6 +140,7 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.data.eval_resize_mode = "short_side_center_crop"
     c.data.batch_size = 128
     c.data.n_instance = 1
+    c.data.sampler = "class_balanced"
     c.data.num_workers = 4
     c.data.eval_batch_size = 128
 
@@ -216,6 +220,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("data.dataset", c.data.dataset, DATASETS)
     _one_of("data.train_augment", c.data.train_augment, transforms.TRAIN_AUGMENTS)
     _one_of("data.eval_resize_mode", c.data.eval_resize_mode, transforms.EVAL_RESIZE_MODES)
+    _one_of("data.sampler", c.data.sampler, samplers.SAMPLERS)
     _one_of("model.pooling", c.model.pooling, _POOLINGS)
     _one_of("model.dtype", c.model.dtype, _DTYPES)
     _one_of("model.bn_running_var", c.model.bn_running_var, _BN_RUNNING_VARS)

@@ -52,10 +52,15 @@ def load_data(config: ml_collections.ConfigDict) -> splits.Splits:
 
 
 def make_train_sampler(config: ml_collections.ConfigDict, dataset):
-    """Shuffling (n_instance = 1) or class-balanced batches of n_instance per class."""
-    if config.data.n_instance == 1:
+    """The sampler ``config.data.sampler`` names (``proxy_jax.data.samplers.SAMPLERS``).
+
+    Plain shuffling ('shuffle', or 'class_balanced' with ``n_instance`` 1) needs only
+    ``len(dataset)``; the others read the labels, ``dataset.targets``.
+    """
+    name, n_instance = config.data.sampler, config.data.n_instance
+    if name == "shuffle" or (name == "class_balanced" and n_instance == 1):
         return samplers.ShuffleSampler(len(dataset))
-    return samplers.ClassBalancedSampler(dataset.targets, n_instance=config.data.n_instance)
+    return samplers.make_sampler(name, dataset.targets, n_instance=n_instance)
 
 
 def steps_per_epoch_of(config: ml_collections.ConfigDict, sampler) -> int:

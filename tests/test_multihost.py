@@ -37,7 +37,7 @@ METHODS = {
     "norm_softmax_ps": ["--config.regularizer.name=ps", "--config.regularizer.ps_mu=1.0"],
     "memvir": ["--config.regularizer.name=memvir", "--config.regularizer.memvir_num_steps=2",
                "--config.regularizer.memvir_step_gap=0", "--config.loss.name=proxy_nca"],
-    # DADA's own step, optimizers and batch contract (checked on each process's slice).
+    # DADA's own step, optimizers and official sampler (classes with replacement).
     "dada": ["--config=configs/dada_cub200.py", "--config.model.backbone=tiny_cnn",
              "--config.model.pretrained=", "--config.eval.nmi=False"],
 }

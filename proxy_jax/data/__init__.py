@@ -13,12 +13,13 @@
 """
 from proxy_jax.data.datasets import (
     IMG_EXTENSIONS, ClassSubset, CorruptImageError, ImageDataset, ImageFolder, dataset_labels,
-    decode_image_bytes, load_benchmark, load_image, to_rgb, zero_shot_split)
+    decode_image_bytes, load_benchmark, load_dada_folder, load_image, to_rgb, zero_shot_split)
 from proxy_jax.data.embedded import ensure_embedded_dataset
 from proxy_jax.data.pipeline import DatasetItemError, Loader, make_loader
 from proxy_jax.data.prepare import prepare
 from proxy_jax.data.samplers import (
-    PAD_INDEX, ClassBalancedSampler, Sampler, ShuffleSampler)
+    PAD_INDEX, SAMPLERS, ClassBalancedSampler, ClassesByImageCountSampler,
+    ClassesWithReplacementSampler, Sampler, ShuffleSampler, make_sampler)
 from proxy_jax.data.splits import Splits, load_splits
 from proxy_jax.data.tfds_sources import TFDS_BENCHMARKS, TfdsDataset
 from proxy_jax.data.transforms import (

@@ -17,9 +17,13 @@ Layouts ``load_benchmark`` reads as they are (the split is chosen by ``split``):
   SOP ``Ebay_train.txt``/``Ebay_test.txt`` (in ROOT or ``ROOT/Info_Files`` with images under
   ``ROOT/images``, DADA's layout); In-shop ``list_eval_partition.txt`` (in ROOT or ``ROOT/Eval``)
   with ``img/`` under ROOT or ``ROOT/Img``.
-* a single folder of classes, as DADA reads Cars196/CUB: ``ROOT/images/<class>/*``; the sorted
-  class names are split in halves (first half train), which is the official 1-98/99-196 and
-  1-100/101-200 split because both datasets' class names sort in class-id order.
+* a single folder of classes, ``ROOT/images/<class>/*``: the sorted class names are split in
+  halves (first half train). With CUB's ``001.Black_footed_Albatross`` names that is the
+  standard 1-100/101-200 split; with Cars196 folders named after the car models it is the
+  split of whatever order the names sort in (see :func:`load_dada_folder`).
+
+:func:`load_dada_folder` reads that layout exactly as DADA's loaders do
+(``config.data.dataset`` 'cars196_dada' / 'cub200_dada', the DADA configs' default).
 
 Zero-shot splits follow ../shared/METHODS.md: Cars196 classes 1-98 train / 99-196 test, CUB
 1-100 / 101-200, SOP and In-shop as their official files say. Labels are 0..C-1 within a split
@@ -506,6 +510,95 @@ def _inshop_eval_dirs(root: str) -> dict[str, str] | None:
         if all(os.path.isdir(d) for d in dirs.values()):
             return dirs
     return None
+
+
+# ----------------------------------------------------------------------------- DADA's one folder
+
+#: The datasets :func:`load_dada_folder` reads, and how each orders its class folders.
+DADA_FOLDER_DATASETS = ("cars196", "cub200")
+
+
+def _cub_class_id(name: str) -> int:
+    """``'001.Black_footed_Albatross'`` -> 1, DADA's sort key of CUB's class folders."""
+    head = name.split(".")[0]
+    if not head.isdigit():
+        raise ValueError(f"CUB class folder {name!r} does not start with its numeric id "
+                         "('001.Black_footed_Albatross'), which DADA's loader sorts by")
+    return int(head)
+
+
+def dada_class_order(names: Sequence[str], dataset: str) -> list[str]:
+    """The class folders in the order DADA's loader halves them.
+
+    ``'cars196'`` (``datasets/cars196.py``): ``sorted(names)``, Python's string order
+    (by code point: capitals before small letters). ``'cub200'``
+    (``datasets/cub200.py``): names containing ``'._'`` dropped, then sorted by the
+    integer before the first ``'.'``, the class id.
+    """
+    if dataset not in DADA_FOLDER_DATASETS:
+        raise ValueError(f"dataset must be one of {DADA_FOLDER_DATASETS}, got {dataset!r}")
+    if dataset == "cars196":
+        return sorted(names)
+    return sorted((n for n in names if "._" not in n), key=_cub_class_id)
+
+
+def _dada_class_files(class_dir: str) -> tuple[list[str], list[str]]:
+    """DADA's images of one class: the class folder's own files (not sub-folders) whose
+    names hold no ``'._'``, sorted by name; other non-image files are returned apart."""
+    names = sorted(n for n in os.listdir(class_dir)
+                   if "._" not in n and os.path.isfile(os.path.join(class_dir, n)))
+    paths = [os.path.join(class_dir, n) for n in names]
+    return [p for p in paths if is_image_file(p)], [p for p in paths if not is_image_file(p)]
+
+
+def load_dada_folder(root: str, split: str, *, dataset: str, skip_corrupt: bool = False,
+                     num_threads: int = 8) -> ImageDataset:
+    """``split`` of ``ROOT/images/<class>/<image>`` as DADA's Cars196 / CUB loaders make it.
+
+    Official ``datasets/cars196.py`` and ``datasets/cub200.py`` (Noahsark/DADA): the class
+    folders of ``ROOT/images`` in :func:`dada_class_order`, the first ``len // 2`` train,
+    the rest test; labels ``0..`` in that order within each split; a class's images are its
+    folder's files sorted by name (names with ``'._'`` left out, as there).
+
+    Is it the standard split by class id? CUB: yes: the folders are named
+    ``<id>.<name>`` and sorted by id, so train is classes 1-100. Cars196: only if the
+    sorted folder names list the classes in id order. DADA's layout names the folders
+    after the car models (``images/Acura Integra Type R 2001``), and Cars196's ids
+    (``cars_meta.mat``) are not alphabetical throughout, so the two halves can differ
+    from classes 1-98 / 99-196; this function reproduces DADA's halves, which is what its
+    published numbers were trained and tested on. (The official raw layout,
+    ``cars_annos.mat``, is split by id by :func:`load_benchmark`.)
+
+    Args:
+      root: the folder holding ``images/`` (DADA's ``<source_path>/cars196``).
+      split: 'train' or 'test'.
+      dataset: 'cars196' or 'cub200' (the class order).
+      skip_corrupt, num_threads: as :func:`load_benchmark`.
+
+    Returns:
+      An :class:`ImageDataset` with ``classes`` the folder names of the split.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test' for DADA's {dataset} folder, "
+                         f"got {split!r}")
+    images = os.path.join(os.fspath(root), "images")
+    _require_dir(images, f"DADA {dataset} folder (ROOT/images/<class>)")
+    names = dada_class_order([e.name for e in os.scandir(images) if e.is_dir()], dataset)
+    if len(names) < 2:
+        raise ValueError(f"{images!r} holds {len(names)} class folder(s); DADA's split needs "
+                         "at least 2")
+    half = len(names) // 2
+    chosen = names[:half] if split == "train" else names[half:]
+    samples, ignored = [], []
+    for label, name in enumerate(chosen):
+        files, others = _dada_class_files(os.path.join(images, name))
+        if not files:
+            raise ValueError(f"class folder {os.path.join(images, name)!r} holds no image files")
+        samples += [(p, label) for p in files]
+        ignored += others
+    if ignored:
+        logger.info("%s: ignored %d non-image file(s)", images, len(ignored))
+    return ImageDataset(samples, chosen, skip_corrupt=skip_corrupt, num_threads=num_threads)
 
 
 def load_benchmark(root: str, split: str, *, skip_corrupt: bool = False,

@@ -15,6 +15,16 @@ Samplers (all share :class:`Sampler`'s methods):
   With an even ``n_instance`` the pairs ``(2i, 2i + 1)`` share a class, which is the batch
   contract of Embedding Expansion (clovaai/embedding-expansion ``dataset/sampler.py``).
   ``n_instance=1`` is plain shuffling, as in the seed repositories.
+* :class:`ClassesWithReplacementSampler` -- DADA's ``class_random`` sampler
+  (Noahsark/DADA ``datasampler/class_random_sampler.py``): classes drawn uniformly *with*
+  replacement, images of a class drawn with replacement, ``len(labels) // batch_size``
+  batches; a batch may hold a class twice.
+* :class:`ClassesByImageCountSampler` -- Embedding Expansion's ``RandomSampler``
+  (clovaai/embedding-expansion ``dataset/sampler.py``): each group starts at the next
+  image of a shuffled list of *images* whose class is not yet in the batch, so classes are
+  picked in proportion to their image counts; an epoch is ``n_instance × classes`` images.
+
+:data:`SAMPLERS` maps the names of ``config.data.sampler`` to these classes.
 
 Proxy Synthesis needs cyclic neighbours of different classes; that order is made inside
 the step (``proxy_jax.regularizers.distinct_neighbours``), not here.
@@ -42,6 +52,11 @@ __all__ = [
     "Sampler",
     "ShuffleSampler",
     "ClassBalancedSampler",
+    "ClassesWithReplacementSampler",
+    "ClassesByImageCountSampler",
+    "SAMPLERS",
+    "make_sampler",
+    "expected_distinct_classes",
     "PAD_INDEX",
 ]
 
@@ -51,6 +66,8 @@ PAD_INDEX = -1
 # Distinct streams for the different random decisions made from one (seed, epoch).
 _SHUFFLE_STREAM = 0
 _BALANCED_STREAM = 1
+_WITH_REPLACEMENT_STREAM = 2
+_BY_IMAGE_COUNT_STREAM = 3
 
 
 def _check_nonnegative_int(value, name: str) -> int:
@@ -271,3 +288,157 @@ class ClassBalancedSampler(Sampler):
         queues[k] = np.concatenate([fresh[~held], fresh[held]])
         heads[k] = n - taken.size
         return np.concatenate([taken, queues[k][:heads[k]]])
+
+
+def _class_members(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(classes [C], counts [C], by_class [N])``: the distinct labels, their image counts,
+    and the dataset indices sorted by class (class ``k``'s images are
+    ``by_class[offsets[k]:offsets[k] + counts[k]]`` with ``offsets`` the exclusive cumsum)."""
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return classes, counts.astype(np.int64), np.argsort(inverse, kind="stable").astype(np.int64)
+
+
+def _groups_of(batch_size: int, n_instance: int) -> int:
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if batch_size % n_instance:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of n_instance={n_instance}")
+    return batch_size // n_instance
+
+
+class ClassesWithReplacementSampler(Sampler):
+    """DADA's batches: ``batch_size // n_instance`` classes drawn *with* replacement.
+
+    The official ``class_random`` sampler (Noahsark/DADA
+    ``datasampler/class_random_sampler.py``, the ``main.py`` default with
+    ``samples_per_class=2`` and ``internal_split=1``): for every group of a batch a class
+    is drawn uniformly from all training classes, independently of the other groups, then
+    ``n_instance`` of its images uniformly and independently (with replacement, so a group
+    may hold one image twice). A batch holds ``C · (1 − (1 − 1/C)^G)`` distinct classes on
+    average (G groups, C classes; :func:`expected_distinct_classes`): for CUB and Cars
+    (G = 45, C = 100 or 98) about 36.4, so about 19% of a batch's groups repeat a class
+    already in it, and nearly every batch holds some class twice.
+
+    Groups occupy positions ``[k * n_instance, (k + 1) * n_instance)``, as in the official
+    batch. An epoch is ``len(labels) // batch_size`` batches (the official ``__len__``);
+    ``drop_remainder`` changes nothing, every batch is full. The draws come from
+    ``(seed, epoch)`` (the official code seeds Python's global ``random`` with
+    ``seed + epoch`` each epoch), so resuming at ``(epoch, position)`` repeats them.
+
+    Args:
+      labels: int ``[num_examples]``, the dataset's ``targets``.
+      n_instance: images per group [samples_per_class]; must divide the batch size.
+    """
+
+    def __init__(self, labels: Sequence[int], *, n_instance: int):
+        self.labels = _as_labels(labels)
+        self.num_examples = int(self.labels.size)
+        self.n_instance = _check_positive_int(n_instance, "n_instance")
+        self.classes, self._counts, self._by_class = _class_members(self.labels)
+        self._offsets = np.concatenate([[0], np.cumsum(self._counts)[:-1]]).astype(np.int64)
+
+    def num_batches(self, *, batch_size: int, drop_remainder: bool = True) -> int:
+        del drop_remainder  # every batch is full
+        _groups_of(batch_size, self.n_instance)
+        return self.num_examples // batch_size
+
+    def epoch_order(self, epoch: int, *, batch_size: int, seed: int) -> np.ndarray:
+        groups = _groups_of(batch_size, self.n_instance)
+        steps = self.num_batches(batch_size=batch_size)
+        rng = _rng(seed, epoch, _WITH_REPLACEMENT_STREAM)
+        drawn = rng.integers(0, self.classes.size, size=(steps, groups))  # class positions
+        counts = self._counts[drawn][..., None]  # [steps, groups, 1]
+        pick = rng.integers(0, counts, size=(steps, groups, self.n_instance))
+        return self._by_class[self._offsets[drawn][..., None] + pick].reshape(-1)
+
+
+def expected_distinct_classes(num_classes: int, groups: int) -> float:
+    """Mean number of distinct classes among ``groups`` uniform draws with replacement
+    from ``num_classes``: ``C · (1 − (1 − 1/C)^G)``."""
+    return float(num_classes * (1.0 - (1.0 - 1.0 / num_classes) ** groups))
+
+
+class ClassesByImageCountSampler(Sampler):
+    """Embedding Expansion's batches: classes picked in proportion to their image counts.
+
+    The official ``RandomSampler`` (clovaai/embedding-expansion ``dataset/sampler.py``, as
+    ``dataset/__init__.py`` builds it with ``max_num_examples_per_iter = num_instances ×
+    classes``): images are visited in a random order; an image whose class is not yet in
+    the current batch starts a group: that image, then ``n_instance − 1`` images of its
+    class drawn *without* replacement from all of the class's images (the starting one
+    included, so it can occur twice), with replacement when the class has fewer than
+    ``n_instance − 1`` images. Images of classes already in the batch are passed over.
+    Whenever the list is used up a new random order starts, and with it the set of classes
+    "in the batch" is emptied (mid-batch too, so a batch can then hold a class twice). A
+    class's chance to start a group is therefore proportional to its image count, not
+    uniform as in :class:`ClassBalancedSampler`.
+
+    An epoch is ``n_instance × classes`` images, the first ``(n_instance × classes) //
+    batch_size`` full batches (the official loader's ``last_batch='discard'``;
+    ``drop_remainder`` changes nothing). Groups occupy ``[k * n_instance, (k + 1) *
+    n_instance)``, so with an even ``n_instance`` the pairs ``(2i, 2i + 1)`` share a class.
+
+    Args:
+      labels: int ``[num_examples]``, the dataset's ``targets``.
+      n_instance: images per group [num_instances]; must divide the batch size.
+    """
+
+    def __init__(self, labels: Sequence[int], *, n_instance: int):
+        self.labels = _as_labels(labels)
+        self.num_examples = int(self.labels.size)
+        self.n_instance = _check_positive_int(n_instance, "n_instance")
+        self.classes, counts, by_class = _class_members(self.labels)
+        self._members = np.split(by_class, np.cumsum(counts)[:-1])
+        self._class_of = np.searchsorted(self.classes, self.labels)  # [N] class positions
+
+    def _epoch_size(self) -> int:
+        return self.n_instance * min(self.classes.size, self.num_examples)
+
+    def num_batches(self, *, batch_size: int, drop_remainder: bool = True) -> int:
+        del drop_remainder  # the official loader discards the last partial batch
+        _groups_of(batch_size, self.n_instance)
+        return self._epoch_size() // batch_size
+
+    def epoch_order(self, epoch: int, *, batch_size: int, seed: int) -> np.ndarray:
+        _groups_of(batch_size, self.n_instance)
+        rng = _rng(seed, epoch, _BY_IMAGE_COUNT_STREAM)
+        target, extra = self._epoch_size(), self.n_instance - 1
+        order: list[int] = []
+        while len(order) < target:
+            in_batch: set[int] = set()  # emptied with each new random order, as officially
+            for i in rng.permutation(self.num_examples):
+                k = int(self._class_of[i])
+                if k in in_batch:
+                    continue
+                in_batch.add(k)
+                members = self._members[k]
+                rest = rng.choice(members, size=extra, replace=members.size < extra)
+                order.append(int(i))
+                order.extend(rest.tolist())
+                if len(order) >= target:
+                    break
+                if len(order) % batch_size == 0:
+                    in_batch = set()
+        steps = self.num_batches(batch_size=batch_size)
+        return np.asarray(order[:steps * batch_size], np.int64)
+
+
+#: ``config.data.sampler`` -> sampler class (see the module docstring).
+SAMPLERS = {
+    "shuffle": ShuffleSampler,
+    "class_balanced": ClassBalancedSampler,
+    "classes_with_replacement": ClassesWithReplacementSampler,
+    "classes_by_image_count": ClassesByImageCountSampler,
+}
+
+
+def make_sampler(name: str, labels: Sequence[int], *, n_instance: int) -> Sampler:
+    """The training sampler ``name`` (a key of :data:`SAMPLERS`) over ``labels``.
+
+    'shuffle' ignores ``n_instance``; 'class_balanced' with ``n_instance=1`` is the same
+    order as 'shuffle'.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {name!r}")
+    if name == "shuffle":
+        return ShuffleSampler(len(labels))
+    return SAMPLERS[name](labels, n_instance=n_instance)

@@ -9,6 +9,9 @@
 ``cub200``,
 ``sop``
 ``inshop``      the same, with the test split as ``query`` and ``gallery``
+``cars196_dada``, :func:`proxy_jax.data.load_dada_folder`: ``root/images/<class>`` split as
+``cub200_dada``   DADA's loaders split it (sorted class folders halved; Cars196 by name,
+                CUB by id; see there whether that is the split by class id)
 ``tfds``        :class:`proxy_jax.data.TfdsDataset` ``tfds_name`` (``root``: the tfds
                 data directory; empty: tfds' default)
 =============== ============================================================================
@@ -24,14 +27,15 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple, Optional
 
-from proxy_jax.data.datasets import load_benchmark
+from proxy_jax.data.datasets import load_benchmark, load_dada_folder
 from proxy_jax.data.embedded import ensure_embedded_dataset
 from proxy_jax.data.tfds_sources import TfdsDataset
 
 __all__ = ["DATASETS", "Splits", "load_splits", "default_embedded_root"]
 
 #: The values of ``config.data.dataset``: the rows of the module docstring's table.
-DATASETS = ("embedded", "folder", "cub200", "cars196", "sop", "inshop", "tfds")
+DATASETS = ("embedded", "folder", "cub200", "cars196", "sop", "inshop", "tfds",
+            "cars196_dada", "cub200_dada")
 
 
 class Splits(NamedTuple):
@@ -73,6 +77,10 @@ def load_splits(dataset: str, root: str, *, tfds_name: str = "") -> Splits:
         data_dir = root or None
         return Splits(TfdsDataset(tfds_name, "train", data_dir=data_dir),
                       TfdsDataset(tfds_name, "test", data_dir=data_dir), None)
+    if dataset in ("cars196_dada", "cub200_dada"):
+        name = dataset[:-len("_dada")]
+        return Splits(load_dada_folder(root, "train", dataset=name),
+                      load_dada_folder(root, "test", dataset=name), None)
     if dataset == "embedded":
         root = ensure_embedded_dataset(root or default_embedded_root())
     elif dataset not in DATASETS:

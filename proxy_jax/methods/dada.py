@@ -80,7 +80,7 @@ def dada_update(
     d_step: int = 3,
     g_step: int = 1,
     update_generator: bool | Array = True,
-    num_pairs: Optional[int] = None,
+    max_pairs: Optional[int] = None,
     draws: Optional[Any] = None,
 ) -> Tuple[dict, Any, dict, Any, Any, Any, dict]:
     """One batch of DADA: ``d_step`` discriminator updates, then ``g_step`` generator updates.
@@ -117,8 +117,9 @@ def dada_update(
       update_generator: False during the discriminator warm-up (official ``d_warmup``
         epochs): the generator side is returned unchanged. May be a traced bool (the
         generator update is then computed and discarded in the warm-up).
-      num_pairs: for ``pos_class_mix``, the classes per batch (``batch //
-        samples_per_class``).
+      max_pairs: for ``pos_class_mix``, the mixed rows reserved (default ``B // 2``, which
+        no batch exceeds: any labels are accepted, a class drawn twice included, as by the
+        official criterion; see :func:`~proxy_jax.regularizers.dada.positive_pairs`).
       draws: optional fixed Beta variables, a sequence of ``d_step + g_step``
         :class:`~proxy_jax.regularizers.dada.DadaDraws` (tests); drawn from ``key`` if None.
 
@@ -127,7 +128,7 @@ def dada_update(
       metrics)``; metrics (float32 scalars): 'dis_loss' (mean over the discriminator
       updates, as the official log), 'gen_loss' (the last generator update's; 0 when
       skipped), 'proxy_loss', 'domain', 'class_ce', 'discrepancy', and 'pair_count' with
-      ``pos_class_mix`` (it must equal ``num_pairs``).
+      ``pos_class_mix`` (the batch's classes with two or more samples: the mixed pairs).
     """
     for name, value in (("d_step", d_step), ("g_step", g_step)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -158,7 +159,7 @@ def dada_update(
 
     def forward_args(k: int):
         return dict(config=config, draws=jax.tree.map(lambda v: v[k], stacked),
-                    dropout_key=dropout_keys[k], num_pairs=num_pairs)
+                    dropout_key=dropout_keys[k], max_pairs=max_pairs)
 
     def mix_weight(gp, dp):
         return dp.get("mix") if linear else gp.get("mix")
@@ -180,7 +181,7 @@ def dada_update(
             terms, new_stats = dada.dada_terms(
                 discriminators, {"params": dp["disc"], "batch_stats": stats}, fixed, labels,
                 fixed_proxies, mix_weight=mix_weight(gen_params, dp), with_proxy_loss=False,
-                config=config, draws=step_draws, dropout_key=dropout_key, num_pairs=num_pairs)
+                config=config, draws=step_draws, dropout_key=dropout_key, max_pairs=max_pairs)
             return dada.discriminator_objective(terms, config=config), (new_stats, terms)
 
         (loss, (stats, terms)), grads = jax.value_and_grad(dis_loss, has_aux=True)(dp)
@@ -337,12 +338,6 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     if d.pos_class_mix and config.data.n_instance < 2:
         raise ValueError(f"config.data.n_instance must be >= 2 with config.dada.pos_class_mix "
                          f"(it mixes two samples of each class), got {config.data.n_instance}")
-    local = config.data.batch_size // jax.process_count()
-    if d.pos_class_mix and local % config.data.n_instance:
-        raise ValueError(f"DADA with pos_class_mix: each process's slice of the batch "
-                         f"({local} = config.data.batch_size / {jax.process_count()} processes) "
-                         f"must hold whole classes, a multiple of config.data.n_instance "
-                         f"({config.data.n_instance})")
 
 
 # ------------------------------------------------------------------------------ optimizers
@@ -428,7 +423,6 @@ class DadaPlan(NamedTuple):
     d_step: int
     g_step: int
     d_warmup_epochs: int
-    num_pairs: Optional[int]
 
 
 def create_dada_state(config: ml_collections.ConfigDict, model, *, num_classes: int,
@@ -475,35 +469,16 @@ def create_dada_state(config: ml_collections.ConfigDict, model, *, num_classes: 
         extra={"discriminators": discriminator_state}, key=k_train)
     d = config.dada
     plan = DadaPlan(discriminators, disc_tx, game, int(d.d_step), int(d.g_step),
-                    int(d.d_warmup_epochs), _num_pairs(config))
+                    int(d.d_warmup_epochs))
     return state, gen_tx, plan
 
 
-def _num_pairs(config) -> Optional[int]:
-    if not config.dada.pos_class_mix:
-        return None
-    return config.data.batch_size // config.data.n_instance
-
-
-def _batch_check(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], None]:
-    """DADA's batch contract, checked on the host before each step: with ``pos_class_mix``
-    every batch holds ``batch // n_instance`` classes of two or more samples (the official
-    ``pair_count``; the compiled step needs it as a constant)."""
-    num_pairs = _num_pairs(config)
-    if num_pairs is not None:  # each process checks its slice, which holds whole classes
-        num_pairs //= jax.process_count()
-
-    def check_batch(labels: np.ndarray) -> None:
-        if num_pairs is None:
-            return
-        _, counts = np.unique(np.asarray(labels), return_counts=True)
-        found = int(np.sum(counts >= 2))
-        if found != num_pairs:
-            raise ValueError(
-                f"DADA with pos_class_mix needs batches of {num_pairs} classes with two or "
-                f"more samples each (config.data.batch_size // config.data.n_instance), got "
-                f"{found}; use the class-balanced sampler (config.data.n_instance >= 2)")
-    return check_batch
+def _check_batch(labels: np.ndarray) -> None:
+    """DADA takes any batch, as the official criterion does: a class drawn twice by its
+    sampler (``class_random``, classes with replacement) is one class of the proxy loss and
+    gives one ``pos_class_mix`` pair (its first two samples); the compiled step reserves
+    ``batch // 2`` mixed rows, which no batch exceeds, and masks the unused ones."""
+    del labels
 
 
 def _setup(config: ml_collections.ConfigDict, model, *, num_classes: int,
@@ -516,7 +491,7 @@ def _setup(config: ml_collections.ConfigDict, model, *, num_classes: int,
     return Plan(state=state, step_fn=step_fn,
                 learning_rates=functools.partial(learning_rates, config,
                                                  steps_per_epoch=steps_per_epoch),
-                check_batch=_batch_check(config), describe={"method": "dada"})
+                check_batch=_check_batch, describe={"method": "dada"})
 
 
 # ------------------------------------------------------------------------------ the step
@@ -557,7 +532,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
         embed, state.params, state.opt_state, side["params"], side["batch_stats"],
         side["opt_state"], batch["label"], key, gen_tx=tx, disc_tx=plan.disc_tx,
         discriminators=plan.discriminators, config=plan.game, d_step=plan.d_step,
-        g_step=plan.g_step, update_generator=update_generator, num_pairs=plan.num_pairs)
+        g_step=plan.g_step, update_generator=update_generator)
     use_gen = update_generator & jnp.isfinite(metrics["dis_loss"])
     metrics = {**metrics,
                "loss": jnp.where(use_gen, metrics["gen_loss"], metrics["dis_loss"]),

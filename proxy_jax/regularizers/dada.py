@@ -12,7 +12,7 @@ play against two discriminators:
 
 One forward of the game (official ``Criterion.forward`` / ``discriminator_forward``)::
 
-  [pos_class_mix]  x, y, q = positive_pair_mixup(x, y, P)   two Beta(2, 2) draws
+  [pos_class_mix]  x, y, q, m = positive_pair_mixup(x, y, P)   two Beta(2, 2) draws
   else             q = P[y]                                (raw class proxies, [N, D])
   proxy    = dada_proxy_loss(x, y, P, positive_proxies=q)
   x_dom    = sample_proxy_mixup(x, q)                      draw 1: Beta(mix_alpha, mix_beta)
@@ -28,6 +28,15 @@ discriminators see them l2-normalized (official ``--normal``, on by default).
 :func:`dada_terms` computes the four terms, :func:`discriminator_objective` and
 :func:`generator_objective` weigh them. The discriminators minimise ``L_D`` (with their
 own optimizer), the embedding network and proxies minimise ``L_G``.
+
+Repeated classes: a batch may hold a class in several groups (DADA's official sampler
+draws classes with replacement). The official criterion takes any batch: its proxy loss
+compares labels, and ``pos_class_mix`` mixes one pair per class that has two or more
+samples (the first two), however many samples it has. That number P is data-dependent;
+here the mixed rows are the static ``max_pairs`` (default ``B // 2``, which no batch
+exceeds) and a row mask ``m`` marks the real ones: every mean, BatchNorm statistic, loss
+sum and discrepancy runs over the masked rows only, so the numbers are the official ones
+on its ``B + P`` rows.
 
 Randomness is explicit: :func:`draw_mixes` draws every Beta variable of one forward from
 a key into a :class:`DadaDraws`, which tests (or a caller that wants fixed mixes) can
@@ -191,6 +200,19 @@ def _float32(x: Array) -> Array:
     return jnp.asarray(x).astype(jnp.promote_types(jnp.float32, jnp.result_type(x)))
 
 
+def _check_mask(mask, rows: int, name: str = "sample_mask") -> None:
+    if mask is not None and (jnp.shape(mask) != (rows,) or jnp.result_type(mask) != jnp.bool_):
+        raise ValueError(f"{name} must be bool [{rows}], got {jnp.result_type(mask)} "
+                         f"{jnp.shape(mask)}")
+
+
+def _masked_mean(values: Array, mask: Optional[Array]) -> Array:
+    """Mean of ``values [N]`` over ``mask [N]`` (bool; None: all rows)."""
+    if mask is None:
+        return jnp.mean(values)
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
 # --------------------------------------------------------------------------- proxy loss
 
 
@@ -204,6 +226,7 @@ def dada_proxy_loss(
     pos_delta: float = 0.1,
     neg_alpha: float = 32.0,
     neg_delta: float = -0.1,
+    sample_mask: Optional[Array] = None,
 ) -> Array:
     """DADA's proxy loss: Proxy-Anchor with separate positive/negative α and δ.
 
@@ -223,7 +246,7 @@ def dada_proxy_loss(
     terms are Proxy-Anchor's (:func:`proxy_jax.losses.proxy_anchor_pos_terms` and
     ``proxy_anchor_neg_terms``, with Proxy-Anchor's margin δ = −δ⁻ in the negative term);
     only the columns and the averaging are DADA's. The ``log(1 + Σ exp)`` are logsumexps
-    with a zero appended.
+    with a zero appended. A class drawn twice is one class: its samples all share it.
 
     Args:
       embeddings: ``[N, D]`` float embeddings (any scale; normalized here).
@@ -233,6 +256,8 @@ def dada_proxy_loss(
         ``pos_class_mix`` rows of :func:`positive_pair_mixup` carry mixed proxies here.
       pos_alpha, pos_delta: α⁺, δ⁺ (32, 0.1).
       neg_alpha, neg_delta: α⁻, δ⁻ (32, −0.1).
+      sample_mask: optional bool ``[N]``: the loss of the masked rows alone (N above is
+        their number); the others (padding of :func:`positive_pair_mixup`) take no part.
 
     Returns:
       The float32 scalar loss.
@@ -241,6 +266,7 @@ def dada_proxy_loss(
     n, dim = embeddings.shape
     _check_labels(labels, n)
     _check_matrix(proxies, "proxies", cols=dim)
+    _check_mask(sample_mask, n)
     x = l2_normalize(_float32(embeddings))
     p = l2_normalize(_float32(proxies))
     if positive_proxies is None:
@@ -250,11 +276,14 @@ def dada_proxy_loss(
         q = l2_normalize(_float32(positive_proxies))
 
     same = labels[:, None] == labels[None, :]  # [N, N]; column j: the class of sample j
-    pos = proxy_anchor_pos_terms(x @ q.T, same, alpha=pos_alpha, margin=pos_delta)  # [N]
     other = labels[:, None] != jnp.arange(proxies.shape[0])[None, :]  # [N, C]
+    if sample_mask is not None:
+        same = same & sample_mask[:, None]
+        other = other & sample_mask[:, None]
+    pos = proxy_anchor_pos_terms(x @ q.T, same, alpha=pos_alpha, margin=pos_delta)  # [N]
     # α⁻ (cos − δ⁻) is Proxy-Anchor's α (cos + δ) with δ = −δ⁻ (the same float).
     neg = proxy_anchor_neg_terms(x @ p.T, other, alpha=neg_alpha, margin=-neg_delta)  # [C]
-    return jnp.mean(pos) + jnp.mean(neg)
+    return _masked_mean(pos, sample_mask) + jnp.mean(neg)
 
 
 # --------------------------------------------------------------------------- mixups
@@ -336,55 +365,62 @@ def sample_proxy_mixup(
     return jnp.concatenate([samples, proxies], axis=1) @ mix_weight
 
 
-def positive_pairs(labels: Array, *, num_pairs: int) -> Tuple[Array, Array, Array]:
+def positive_pairs(labels: Array, *, max_pairs: Optional[int] = None
+                   ) -> Tuple[Array, Array, Array]:
     """The first two samples of each class that has two or more, in ascending label order.
 
     The pairs of the official ``get_pos_pairs`` (all same-label pairs, then
     ``np.unique(labels[a], return_index=True)``): for each such class its first sample is
-    the anchor and its second sample the positive. Their number is data-dependent; here it
-    is the static ``num_pairs``, which a class-balanced batch fixes
-    (``batch // samples_per_class``). With concrete labels a mismatch raises; inside
-    ``jit`` the returned ``count`` tells (the step can report it): missing pairs are
-    filled with arbitrary indices, surplus ones dropped.
+    the anchor and its second sample the positive, whatever else the class holds (a class
+    drawn twice by DADA's sampler still gives one pair). Their number P is data-dependent;
+    the result has the static length ``max_pairs`` with the real pairs first and ``valid``
+    marking them (the rest are finite filler indices).
 
     Args:
       labels: ``[B]`` int labels.
-      num_pairs: P, the number of classes with two or more samples in the batch.
+      max_pairs: the rows to reserve; default ``B // 2``, the most any batch can have.
+        A smaller bound raises when the labels are concrete and hold more classes with
+        two or more samples; inside ``jit`` the surplus pairs would be dropped.
 
     Returns:
-      ``(anchor [P] int32, positive [P] int32, count)`` with ``count`` the true number of
-      such classes (an int32 scalar).
+      ``(anchor [max_pairs] int32, positive [max_pairs] int32, valid [max_pairs] bool)``.
     """
     if jnp.ndim(labels) != 1:
         raise ValueError(f"labels must be [batch], got shape {jnp.shape(labels)}")
     _check_labels(labels, jnp.shape(labels)[0])
     batch = labels.shape[0]
-    if isinstance(num_pairs, bool) or not isinstance(num_pairs, int) or not (
-        1 <= num_pairs <= batch // 2
-    ):
-        raise ValueError(
-            f"num_pairs must be an int in [1, {batch // 2}] for a batch of {batch}, "
-            f"got {num_pairs!r}"
-        )
+    max_pairs = _check_max_pairs(max_pairs, batch)
     if not isinstance(labels, jax.core.Tracer):
-        y = np.asarray(labels)
-        _, counts = np.unique(y, return_counts=True)
+        _, counts = np.unique(np.asarray(labels), return_counts=True)
         found = int(np.sum(counts >= 2))
-        if found != num_pairs:
+        if found > max_pairs:
             raise ValueError(
-                f"labels have {found} classes with two or more samples but num_pairs is "
-                f"{num_pairs}; pos_class_mix needs num_pairs = batch // samples_per_class "
-                "from a class-balanced sampler"
+                f"labels have {found} classes with two or more samples but max_pairs is "
+                f"{max_pairs}; leave max_pairs at its default (batch // 2)"
             )
     idx = jnp.arange(batch)
     earlier = (labels[:, None] == labels[None, :]) & (idx[None, :] < idx[:, None])
     is_second = jnp.sum(earlier, axis=1) == 1
     first_of = jnp.argmax(earlier, axis=1)  # the class' first sample, for second samples
     # Second samples first, in ascending label order (that of np.unique).
-    order = jnp.lexsort((labels, ~is_second))[:num_pairs]
+    order = jnp.lexsort((labels, ~is_second))[:max_pairs]
     positive = order.astype(jnp.int32)
     anchor = first_of[order].astype(jnp.int32)
-    return anchor, positive, jnp.sum(is_second).astype(jnp.int32)
+    valid = jnp.arange(max_pairs) < jnp.sum(is_second)
+    return anchor, positive, valid
+
+
+def _check_max_pairs(max_pairs, batch: int) -> int:
+    if max_pairs is None:
+        max_pairs = max(batch // 2, 1)
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or not (
+        1 <= max_pairs <= max(batch // 2, 1)
+    ):
+        raise ValueError(
+            f"max_pairs must be an int in [1, {batch // 2}] for a batch of {batch}, "
+            f"got {max_pairs!r}"
+        )
+    return max_pairs
 
 
 def positive_pair_mixup(
@@ -393,7 +429,7 @@ def positive_pair_mixup(
     labels: Array,
     proxies: Array,
     *,
-    num_pairs: int,
+    max_pairs: Optional[int] = None,
     sample_mix: Optional[float | Array] = None,
     proxy_mix: Optional[float | Array] = None,
 ) -> Tuple[Array, Array, Array, Array]:
@@ -416,12 +452,13 @@ def positive_pair_mixup(
       embeddings: ``[B, D]`` raw embeddings.
       labels: ``[B]`` int labels.
       proxies: ``[C, D]`` raw proxies.
-      num_pairs: P, see :func:`positive_pairs`.
+      max_pairs: P, the mixed rows to reserve (see :func:`positive_pairs`; default B // 2).
       sample_mix, proxy_mix: fixed m_x, m_p instead of draws.
 
     Returns:
-      ``(embeddings' [B+P, D], labels' [B+P], positive_proxies' [B+P, D], count)`` with
-      ``count`` of :func:`positive_pairs`.
+      ``(embeddings' [B+P, D], labels' [B+P], positive_proxies' [B+P, D], mask [B+P])``:
+      ``mask`` (bool) marks the B samples and the real pairs' mixtures, which come first;
+      the other rows are finite filler that every DADA term leaves out.
     """
     _check_matrix(embeddings, "embeddings")
     b, dim = embeddings.shape
@@ -435,7 +472,7 @@ def positive_pair_mixup(
             sample_mix = jax.random.beta(key_x, _PAIR_MIX_ALPHA, _PAIR_MIX_ALPHA)
         if proxy_mix is None:
             proxy_mix = jax.random.beta(key_p, _PAIR_MIX_ALPHA, _PAIR_MIX_ALPHA)
-    anchor, positive, count = positive_pairs(labels, num_pairs=num_pairs)
+    anchor, positive, valid = positive_pairs(labels, max_pairs=max_pairs)
     m_x = jnp.asarray(sample_mix, embeddings.dtype)
     m_p = jnp.asarray(proxy_mix, proxies.dtype)
     q = proxies[labels]
@@ -445,14 +482,15 @@ def positive_pair_mixup(
         jnp.concatenate([embeddings, mixed_x], axis=0),
         jnp.concatenate([labels, labels[anchor]], axis=0),
         jnp.concatenate([q, mixed_q], axis=0),
-        count,
+        jnp.concatenate([jnp.ones((b,), bool), valid], axis=0),
     )
 
 
 # --------------------------------------------------------------------------- discrepancy
 
 
-def discrepancy(logits_a: Array, logits_b: Array, *, mode: str = "nwd") -> Array:
+def discrepancy(logits_a: Array, logits_b: Array, *, mode: str = "nwd",
+                mask: Optional[Array] = None) -> Array:
     """Discrepancy between two class predictions (official ``Criterion.discrepancy``).
 
     With P_a = softmax(logits_a), P_b = softmax(logits_b) row-wise, ``[N, C]``::
@@ -466,6 +504,9 @@ def discrepancy(logits_a: Array, logits_b: Array, *, mode: str = "nwd") -> Array
     Args:
       logits_a, logits_b: ``[N, C]`` float logits.
       mode: 'l1' or 'nwd'.
+      mask: optional bool ``[N]``: the discrepancy of the masked rows alone (N above is
+        their number). Masked-out rows of P_a, P_b are zeroed, which leaves the nuclear
+        norms those of the masked rows.
 
     Returns:
       A float32 scalar.
@@ -473,12 +514,18 @@ def discrepancy(logits_a: Array, logits_b: Array, *, mode: str = "nwd") -> Array
     _check_choice(mode, "mode", _DIS_MODES)
     _check_matrix(logits_a, "logits_a")
     _check_matrix(logits_b, "logits_b", *jnp.shape(logits_a))
+    n, c = logits_a.shape
+    _check_mask(mask, n, "mask")
     p_a = jax.nn.softmax(_float32(logits_a), axis=1)
     p_b = jax.nn.softmax(_float32(logits_b), axis=1)
+    rows = n
+    if mask is not None:
+        p_a, p_b = (jnp.where(mask[:, None], t, 0.0) for t in (p_a, p_b))
+        rows = jnp.maximum(jnp.sum(mask), 1)
     if mode == "l1":
-        return jnp.mean(jnp.abs(p_a - p_b))
+        return jnp.sum(jnp.abs(p_a - p_b)) / (rows * c)
     nuclear = lambda m: jnp.sum(jnp.linalg.svd(m, compute_uv=False))  # noqa: E731
-    return (nuclear(p_a) - nuclear(p_b)) / logits_a.shape[0]
+    return (nuclear(p_a) - nuclear(p_b)) / rows
 
 
 # --------------------------------------------------------------------------- networks
@@ -509,6 +556,15 @@ def _batch_norm(train: bool, name: str) -> BatchNorm:
     return BatchNorm(frozen=not train, name=name)
 
 
+def _masked_batch_norm(train: bool, mask: Optional[Array]):
+    """``bn(name, x)``: :func:`_batch_norm` whose statistics come from the rows ``mask``
+    marks (all rows when None); the running averages are updated with those statistics."""
+    def bn(name: str, x: Array) -> Array:
+        layer = _batch_norm(train, name)
+        return layer(x) if mask is None else layer(x, mask=mask[:, None])
+    return bn
+
+
 def _activation(name: str):
     return jax.nn.relu if name == "relu" else (lambda x: jax.nn.leaky_relu(x, 0.01))
 
@@ -530,15 +586,20 @@ class DomainDiscriminator(nn.Module):
     activation: str = "relu"
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> Array:
-        """``[N, D]`` float inputs → ``[N, 3]`` logits (sample, mixture, proxy)."""
+    def __call__(self, x: Array, *, train: bool, mask: Optional[Array] = None) -> Array:
+        """``[N, D]`` float inputs → ``[N, 3]`` logits (sample, mixture, proxy).
+
+        ``mask``: optional bool ``[N]``, the rows BatchNorm takes its statistics from.
+        """
         _check_matrix(x, "x")
+        _check_mask(mask, x.shape[0], "mask")
         act = _activation(self.activation)
+        bn = _masked_batch_norm(train, mask)
         x = _linear(self.hidden_dim, x.shape[-1], "fc1")(x)
-        x = act(_batch_norm(train, "bn1")(x))
+        x = act(bn("bn1", x))
         x = _linear(3, self.hidden_dim, "fc2")(x)
         if self.final_bn:
-            x = _batch_norm(train, "bn2")(x)
+            x = bn("bn2", x)
         return x
 
 
@@ -564,20 +625,25 @@ class ClassDiscriminator(nn.Module):
     activation: str = "relu"
 
     @nn.compact
-    def __call__(self, x: Array, *, train: bool) -> Array:
-        """``[N, D]`` float inputs → ``[N, C]`` class logits."""
+    def __call__(self, x: Array, *, train: bool, mask: Optional[Array] = None) -> Array:
+        """``[N, D]`` float inputs → ``[N, C]`` class logits.
+
+        ``mask``: optional bool ``[N]``, the rows BatchNorm takes its statistics from.
+        """
         _check_matrix(x, "x")
+        _check_mask(mask, x.shape[0], "mask")
         act = _activation(self.activation)
+        bn = _masked_batch_norm(train, mask)
         h1, h2 = self.hidden_dims
         x = _linear(h1, x.shape[-1], "fc1")(x)
-        x = act(_batch_norm(train, "bn1")(x))
+        x = act(bn("bn1", x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = _linear(h2, h1, "fc2")(x)
-        x = act(_batch_norm(train, "bn2")(x))
+        x = act(bn("bn2", x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = _linear(self.num_classes, h2, "fc3")(x)
         if self.final_bn:
-            x = _batch_norm(train, "bn3")(x)
+            x = bn("bn3", x)
         return x
 
 
@@ -600,6 +666,7 @@ class DadaDiscriminators(nn.Module):
         class_mixed: Array,
         *,
         train: bool,
+        mask: Optional[Array] = None,
     ) -> Tuple[Tuple[Array, Array, Array], Tuple[Array, Array]]:
         """``[N, D]`` inputs → ((3 × ``[N, 3]`` domain logits), (2 × ``[N, C]`` class logits)).
 
@@ -609,15 +676,17 @@ class DadaDiscriminators(nn.Module):
           proxies: the positive proxies q̂.
           class_mixed: the mixture for the class discriminator.
           train: BatchNorm on batch statistics and dropout on.
+          mask: optional bool ``[N]``: the rows every pass takes its BatchNorm statistics
+            from (the real rows of a ``pos_class_mix`` batch).
         """
         domain_logits = (
-            self.domain(samples, train=train),
-            self.domain(domain_mixed, train=train),
-            self.domain(proxies, train=train),
+            self.domain(samples, train=train, mask=mask),
+            self.domain(domain_mixed, train=train, mask=mask),
+            self.domain(proxies, train=train, mask=mask),
         )
         class_logits = (
-            self.classifier(samples, train=train),
-            self.classifier(class_mixed, train=train),
+            self.classifier(samples, train=train, mask=mask),
+            self.classifier(class_mixed, train=train, mask=mask),
         )
         return domain_logits, class_logits
 
@@ -705,8 +774,8 @@ class DadaTerms(NamedTuple):
       domain: the domain discriminator's summed cross-entropies CE₀ + CE₁ + CE₂.
       class_ce: the class discriminator's cross-entropy on the samples.
       discrepancy: :func:`discrepancy` between its predictions on samples and mixtures.
-      pair_count: with ``pos_class_mix``, the batch's true number of classes with two or
-        more samples (it must equal ``num_pairs``); else 0.
+      pair_count: with ``pos_class_mix``, the batch's number of classes with two or more
+        samples (the mixed pairs); else 0.
     """
 
     proxy: Array
@@ -716,9 +785,9 @@ class DadaTerms(NamedTuple):
     pair_count: Array
 
 
-def _cross_entropy(logits: Array, targets: Array) -> Array:
+def _cross_entropy(logits: Array, targets: Array, mask: Optional[Array] = None) -> Array:
     logp = jax.nn.log_softmax(_float32(logits), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=-1))
+    return -_masked_mean(jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0], mask)
 
 
 def dada_terms(
@@ -731,7 +800,7 @@ def dada_terms(
     config: DadaConfig,
     draws: DadaDraws,
     mix_weight: Optional[Array] = None,
-    num_pairs: Optional[int] = None,
+    max_pairs: Optional[int] = None,
     dropout_key: Optional[Array] = None,
     train: bool = True,
     with_proxy_loss: bool = True,
@@ -755,9 +824,9 @@ def dada_terms(
       config: the :class:`DadaConfig`.
       draws: the Beta variables (:func:`draw_mixes`, or fixed values).
       mix_weight: the learned weight of the 'individual' / 'linear' mix modes.
-      num_pairs: with ``pos_class_mix``, the number of classes in the batch (a
-        class-balanced batch has ``batch // samples_per_class``); may be omitted when the
-        labels are concrete.
+      max_pairs: with ``pos_class_mix``, the mixed rows to reserve (default ``B // 2``,
+        enough for any batch; see :func:`positive_pairs`). Any labels are accepted, a class
+        drawn twice included, as by the official criterion.
       dropout_key: PRNG key of the class discriminator's dropout (needed when ``train``
         and ``config.dropout > 0``).
       train: BatchNorm on batch statistics (the official game always trains) and dropout.
@@ -785,22 +854,19 @@ def dada_terms(
     x = _float32(embeddings)
     p = _float32(proxies)
     if config.pos_class_mix:
-        if num_pairs is None:
-            if isinstance(labels, jax.core.Tracer):
-                raise ValueError("num_pairs must be given with pos_class_mix inside jit")
-            num_pairs = int(np.sum(np.unique(np.asarray(labels), return_counts=True)[1] >= 2))
-        x, y, q, pair_count = positive_pair_mixup(
-            None, x, labels, p, num_pairs=num_pairs,
+        x, y, q, mask = positive_pair_mixup(
+            None, x, labels, p, max_pairs=max_pairs,
             sample_mix=draws.pair_sample, proxy_mix=draws.pair_proxy,
         )
+        pair_count = (jnp.sum(mask) - b).astype(jnp.int32)
     else:
-        y, q, pair_count = labels, p[labels], jnp.zeros((), jnp.int32)
+        y, q, mask, pair_count = labels, p[labels], None, jnp.zeros((), jnp.int32)
 
     if with_proxy_loss:
         proxy = dada_proxy_loss(
             x, y, p, positive_proxies=q,
             pos_alpha=config.pos_alpha, pos_delta=config.pos_delta,
-            neg_alpha=config.neg_alpha, neg_delta=config.neg_delta,
+            neg_alpha=config.neg_alpha, neg_delta=config.neg_delta, sample_mask=mask,
         )
     else:
         proxy = jnp.zeros((), jnp.float32)
@@ -816,7 +882,8 @@ def dada_terms(
     rngs = {"dropout": dropout_key} if dropout_key is not None else {}
     if train:
         (dom, cls), updates = discriminators.apply(
-            variables, x, x_dom, q, x_cls, train=True, rngs=rngs, mutable=["batch_stats"]
+            variables, x, x_dom, q, x_cls, train=True, mask=mask, rngs=rngs,
+            mutable=["batch_stats"]
         )
         new_stats = updates["batch_stats"]
     else:
@@ -825,14 +892,14 @@ def dada_terms(
 
     n = x.shape[0]
     domain = sum(
-        _cross_entropy(logits, jnp.full((n,), target, jnp.int32))
+        _cross_entropy(logits, jnp.full((n,), target, jnp.int32), mask)
         for target, logits in enumerate(dom)
     )
     terms = DadaTerms(
         proxy=proxy,
         domain=domain,
-        class_ce=_cross_entropy(cls[0], y),
-        discrepancy=discrepancy(cls[0], cls[1], mode=config.dis_mode),
+        class_ce=_cross_entropy(cls[0], y, mask),
+        discrepancy=discrepancy(cls[0], cls[1], mode=config.dis_mode, mask=mask),
         pair_count=pair_count,
     )
     return terms, new_stats

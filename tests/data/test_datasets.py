@@ -272,6 +272,59 @@ def test_dada_images_folder_split_in_halves(tmp_path):
     assert train.targets.tolist() == [0, 0, 1, 1, 2, 2]
 
 
+# Cars196-style model-name folders with illustrative ids ordered as a meta file may order them
+# (not alphabetical within a make; capitals sort before small letters).
+CARS_IDS = {"AM General Hummer SUV 2000": 1, "Acura RL Sedan 2012": 2, "Acura TL Sedan 2012": 3,
+            "Acura Integra Type R 2001": 4, "Aston Martin V8 Vantage Coupe 2012": 5,
+            "smart fortwo Convertible 2012": 6}
+
+
+def test_dada_cars_folder_halves_the_names_sorted_not_the_ids(tmp_path):
+    """DADA datasets/cars196.py: sorted(os.listdir(images)) halved, first half train."""
+    _folder(str(tmp_path / "images"), list(CARS_IDS))
+    _write_image(str(tmp_path / "images" / "Acura RL Sedan 2012" / "._0.jpg"))  # macOS shadow
+    _write_image(str(tmp_path / "images" / "Acura RL Sedan 2012" / "sub" / "deep.jpg"))
+    train = D.load_dada_folder(str(tmp_path), "train", dataset="cars196")
+    test = D.load_dada_folder(str(tmp_path), "test", dataset="cars196")
+    by_name = sorted(CARS_IDS)
+    assert train.classes == by_name[:3] == ["AM General Hummer SUV 2000",
+                                            "Acura Integra Type R 2001", "Acura RL Sedan 2012"]
+    assert test.classes == by_name[3:]
+    # Not the split by id: class 4 trains, class 3 is tested.
+    assert sorted(CARS_IDS[c] for c in train.classes) == [1, 2, 4] != [1, 2, 3]
+    assert train.targets.tolist() == [0, 0, 1, 1, 2, 2]  # '._' and sub-folder files left out
+    assert [os.path.basename(p) for p, _ in train.samples[4:]] == [
+        "Acura RL Sedan 2012_0.jpg", "Acura RL Sedan 2012_1.jpg"]
+
+
+def test_dada_cub_folder_sorts_by_class_id(tmp_path):
+    """DADA datasets/cub200.py: folders sorted by int(name.split('.')[0]), then halved."""
+    names = ["1.Albatross", "10.Cowbird", "11.Crow", "12.Finch", "2.Auklet", "3.Blackbird"]
+    _folder(str(tmp_path / "images"), names)
+    train = D.load_dada_folder(str(tmp_path), "train", dataset="cub200")
+    test = D.load_dada_folder(str(tmp_path), "test", dataset="cub200")
+    assert train.classes == ["1.Albatross", "2.Auklet", "3.Blackbird"]  # ids 1-3, not "1","10","11"
+    assert test.classes == ["10.Cowbird", "11.Crow", "12.Finch"]
+    # With CUB's zero-padded names this is the standard 1-100 split, as by load_benchmark.
+    assert D.dada_class_order(["002.b", "001.a", "010.c"], "cub200") == ["001.a", "002.b", "010.c"]
+    _folder(str(tmp_path / "bad" / "images"), ["1.a", "Unnumbered"])
+    with pytest.raises(ValueError, match="does not start with its numeric id"):
+        D.load_dada_folder(str(tmp_path / "bad"), "train", dataset="cub200")
+
+
+def test_dada_folder_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="DADA cars196 folder"):
+        D.load_dada_folder(str(tmp_path), "train", dataset="cars196")
+    _folder(str(tmp_path / "images"), ["a", "b"])
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        D.load_dada_folder(str(tmp_path), "query", dataset="cars196")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        D.load_dada_folder(str(tmp_path), "train", dataset="sop")
+    os.makedirs(tmp_path / "images" / "c_empty")
+    with pytest.raises(ValueError, match="holds no image files"):
+        D.load_dada_folder(str(tmp_path), "test", dataset="cars196")
+
+
 # ----------------------------------------------------------------------------- any map-style source
 
 

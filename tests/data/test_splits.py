@@ -25,6 +25,16 @@ def test_class_folder_benchmarks(tmp_path):
         assert test.classes == ["d", "e"] and len(test) == 4 and gallery is None
 
 
+def test_dada_one_folder_datasets(tmp_path):
+    # DADA's loaders: Cars196 folders halved in name order, CUB folders in id order.
+    _folder(str(tmp_path / "images"), ["10.x", "9.y", "2.z", "1.w"])
+    cars = load_splits("cars196_dada", str(tmp_path))
+    assert cars.train.classes == ["1.w", "10.x"] and cars.test.classes == ["2.z", "9.y"]
+    cub = load_splits("cub200_dada", str(tmp_path))
+    assert cub.train.classes == ["1.w", "2.z"] and cub.test.classes == ["9.y", "10.x"]
+    assert cub.gallery is None and len(cub.train) == 4 and cub.num_classes == 2
+
+
 def test_inshop_has_query_and_gallery_with_one_class_index(tmp_path):
     _folder(str(tmp_path / "train"), ["a", "b"])
     _folder(str(tmp_path / "test" / "query"), ["x", "y"], per_class=1)

@@ -13,6 +13,7 @@ import pytest
 
 from configs import dada_base
 from proxy_jax import checkpoints, config_utils, methods, models, optim, parallel, train
+from proxy_jax.data import samplers
 from proxy_jax.methods import dada as dada_method
 
 DADA_CONFIGS = ("dada_cub200", "dada_cars196", "dada_sop", "dada_inshop")
@@ -155,7 +156,7 @@ def test_dada_step_is_independent_of_the_device_count(tiny_root, dada_config):
     # The warm-up step trained the discriminators only; the full step trained everything.
     assert one[0]["gen_loss"] == 0.0 and one[1]["gen_loss"] != 0.0
     for m in one + eight:
-        assert m["pair_count"] == 4.0  # num_pairs = batch // samples_per_class
+        assert m["pair_count"] == 4.0  # 4 classes of 2 samples: 4 pairs
         assert all(np.isfinite(v) for v in m.values())
     for a, b in zip(one, eight):
         for k in a:
@@ -290,6 +291,8 @@ def test_dada_config_reproduces_the_official_yaml(name):
     assert config.dada.layer_norm_head and not config.model.l2_normalize
     assert config.model.pooling == "gap+gmp" and config.model.backbone == "resnet50"
     assert config.optimizer.eps == 1e-8 and config.optimizer.name == "adam"
+    # data_sampler 'class_random' (datasampler/class_random_sampler.py).
+    assert config.data.sampler == "classes_with_replacement"
 
 
 def test_a_dada_config_trains_with_the_dada_step(tiny_root, dada_config):
@@ -324,8 +327,25 @@ def test_validate_names_the_bad_field(changes, message, tiny_root, dada_config):
         config.update_from_flattened_dict({"dada.mix_rate": 0.5})
 
 
-def test_batch_contract_of_pos_class_mix_is_checked_on_the_host(tiny_root, dada_config):
-    run = train.build(dada_config("dada_cub200", tiny_root))
-    run.plan.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 2]))
-    with pytest.raises(ValueError, match="needs batches of 4 classes with two or more"):
-        run.plan.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 1]))
+def test_dada_takes_batches_with_a_class_drawn_twice(tiny_root, dada_config):
+    """DADA's official sampler draws classes with replacement; like the official criterion,
+    the step takes such a batch (a class in two groups is one class and one mixed pair)."""
+    config = dada_config("dada_cub200", tiny_root, steps_per_epoch=1)
+    run = train.build(config)
+    assert isinstance(run.sampler, samplers.ClassesWithReplacementSampler)
+    assert run.steps_per_epoch == 1
+    repeated = np.array([3, 3, 1, 1, 3, 3, 0, 0], np.int32)  # class 3 drawn twice
+    run.plan.check_batch(repeated)
+    run.plan.check_batch(np.array([3, 3, 1, 1, 0, 0, 2, 1]))  # any batch, as officially
+    mesh = parallel.make_mesh(1)
+    step = parallel.parallelize(run.plan.step_fn, mesh)
+    rng = np.random.default_rng(0)
+    state = run.state
+    for _ in range(2):  # the discriminator warm-up step, then a full DADA step
+        batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+                 "label": repeated}
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
+        metrics = jax.device_get(metrics)
+        assert metrics["pair_count"] == 3.0  # classes 0, 1, 3
+        assert all(np.isfinite(v) for v in metrics.values())
+    assert metrics["gen_loss"] != 0.0

@@ -16,6 +16,16 @@ entry; for a gradient tree, to the tree's; for the 'nwd' term, to the nuclear no
 subtracts). The full update is checked through ``proxy_jax.methods.dada.dada_update`` for
 two of the four cases (the fixtures hold all four). The scratch script was
 /work/scratch/dada/make_reference.py.
+
+tests/fixtures/dada_repeat.npz: the same official criterion (unchanged, float64 on CPU,
+inputs rounded to float32, fixed Beta draws, dropout 0) on a batch as DADA's
+``class_random`` sampler draws it, classes with replacement: labels [4, 4, 1, 1, 4, 4, 0,
+0, 2, 2], class 4 drawn twice. Cases 'cub' (pos_class_mix with CUB's yaml options, nwd),
+'l1' (pos_class_mix, l1, leaky ReLU, negative shift) and 'cars' (Cars' options, no
+pos_class_mix); per case the generator objective with its gradients, the discriminator
+objective with the discriminators' gradients and the BatchNorm running means after it,
+and the pairs mixed (4 of the 5 reserved rows). Scratch script:
+/tmp/scratch/dada_repeat/make_fixture.py.
 """
 
 import os
@@ -280,24 +290,40 @@ def test_positive_pair_mixup_matches_official(fixtures, case):
     sample_mix, proxy_mix = f["dis_draws"][:2]
     fn = jax.jit(
         lambda x, y, p: positive_pair_mixup(
-            None, x, y, p, num_pairs=3, sample_mix=sample_mix, proxy_mix=proxy_mix
+            None, x, y, p, sample_mix=sample_mix, proxy_mix=proxy_mix
         )
     )
-    x, y, q, count = fn(f["embeddings"], f["labels"], f["proxies"])
-    assert_close(x, f["pos_mix_embeddings"])
-    assert_close(q, f["pos_mix_proxies"])
-    np.testing.assert_array_equal(y, f["pos_mix_labels"])
-    assert int(count) == 3
+    x, y, q, mask = fn(f["embeddings"], f["labels"], f["proxies"])
+    b = f["labels"].shape[0]
+    # B // 2 mixed rows reserved, the 3 real pairs first.
+    assert x.shape[0] == b + b // 2
+    np.testing.assert_array_equal(mask, np.arange(b + b // 2) < b + 3)
+    assert_close(x[:b + 3], f["pos_mix_embeddings"])
+    assert_close(q[:b + 3], f["pos_mix_proxies"])
+    np.testing.assert_array_equal(y[:b + 3], f["pos_mix_labels"])
+    assert np.isfinite(np.asarray(x)).all() and np.isfinite(np.asarray(q)).all()
 
 
 def test_positive_pairs_first_two_of_each_class_by_label():
     y = jnp.array([7, 2, 7, 5, 2, 9, 2, 5, 7])
-    anchor, positive, count = jax.jit(lambda y: positive_pairs(y, num_pairs=3))(y)
-    np.testing.assert_array_equal(anchor, [1, 3, 0])  # classes 2, 5, 7
-    np.testing.assert_array_equal(positive, [4, 7, 2])
-    assert int(count) == 3
-    # Inside jit a wrong num_pairs cannot raise; the count tells.
-    assert int(jax.jit(lambda y: positive_pairs(y, num_pairs=2)[2])(y)) == 3
+    anchor, positive, valid = jax.jit(positive_pairs)(y)
+    assert anchor.shape == positive.shape == valid.shape == (4,)  # B // 2 rows reserved
+    np.testing.assert_array_equal(valid, [True, True, True, False])
+    np.testing.assert_array_equal(anchor[:3], [1, 3, 0])  # classes 2, 5, 7
+    np.testing.assert_array_equal(positive[:3], [4, 7, 2])
+    exact = jax.jit(lambda y: positive_pairs(y, max_pairs=3))(y)
+    np.testing.assert_array_equal(exact[0], [1, 3, 0])
+    assert bool(jnp.all(exact[2]))
+
+
+def test_positive_pairs_of_a_class_drawn_twice():
+    # DADA's sampler drew class 4 twice (four samples): still one pair, its first two
+    # samples, as the official np.unique over all same-label pairs gives.
+    y = jnp.array([4, 4, 1, 1, 4, 4, 0, 0])
+    anchor, positive, valid = jax.jit(positive_pairs)(y)
+    np.testing.assert_array_equal(valid, [True, True, True, False])
+    np.testing.assert_array_equal(anchor[:3], [6, 2, 0])  # classes 0, 1, 4
+    np.testing.assert_array_equal(positive[:3], [7, 3, 1])
 
 
 def test_random_mixup_draw_is_beta_and_keyed():
@@ -404,10 +430,9 @@ def test_init_helpers():
 def _terms_fn(case, f, **kw):
     config = config_of(case)
     disc = make_discriminators(config, num_classes=NUM_CLASSES)
-    num_pairs = 3 if config.pos_class_mix else None
     return config, disc, lambda v, x, p, w, draws, **extra: dada_terms(
         disc, v, x, jnp.asarray(f["labels"]), p, config=config, draws=draws, mix_weight=w,
-        num_pairs=num_pairs, **kw, **extra,
+        **kw, **extra,
     )
 
 
@@ -507,7 +532,6 @@ def _full_update(f, case, config, *, update_generator=True, embed_wrap=lambda e:
             gen_tx=gen_tx, disc_tx=disc_tx,
             discriminators=make_discriminators(config, num_classes=NUM_CLASSES),
             config=config, d_step=d_step, g_step=1, update_generator=update_generator,
-            num_pairs=3 if config.pos_class_mix else None,
             draws=[draws_of(config, rows[k]) for k in range(d_step + 1)])
     return update
 
@@ -636,10 +660,10 @@ def test_bad_input_raises_value_error_naming_the_argument():
         discrepancy(x, x, mode="l2")
     with pytest.raises(ValueError, match="logits_b"):
         discrepancy(x, jnp.ones((4, 2)))
-    with pytest.raises(ValueError, match="num_pairs"):
-        positive_pairs(y, num_pairs=3)
-    with pytest.raises(ValueError, match="num_pairs"):
-        positive_pairs(jnp.array([0, 0, 1, 2]), num_pairs=2)  # one class has a pair
+    with pytest.raises(ValueError, match="max_pairs"):
+        positive_pairs(y, max_pairs=3)  # more than B // 2
+    with pytest.raises(ValueError, match="max_pairs"):
+        positive_pairs(jnp.array([0, 0, 1, 1]), max_pairs=1)  # two classes have a pair
     for field, value in (("mix_mode", "x"), ("dis_mode", "x"), ("activation", "tanh"),
                          ("shift_scale", 1.5), ("mix_alpha", 0.0), ("dropout", 1.0),
                          ("class_hidden_dims", (4,)), ("domain_hidden_dim", 0)):
@@ -651,3 +675,66 @@ def test_bad_input_raises_value_error_naming_the_argument():
         dada_terms(disc, {}, x, y, p, config=config, draws=DadaDraws(domain=0.1, cls=0.2))
     with pytest.raises(ValueError, match="config"):
         dada_terms(disc, {}, x, y, p, config={}, draws=DadaDraws())
+
+
+# --------------------------------------------------------------------------- repeated classes
+
+REPEAT_CASES = {
+    "cub": dict(pos_class_mix=True, domain_final_bn=True, class_final_bn=True, pos_alpha=40.0,
+                neg_alpha=100.0, mix_alpha=3.0, mix_beta=0.5, d_dis_ratio=0.005),
+    "l1": dict(pos_class_mix=True, dis_mode="l1", domain_final_bn=True, shift_scale=-0.3,
+               activation="leaky_relu", d_discrepancy_ratio=0.7),
+    "cars": dict(domain_final_bn=True, mix_alpha=2.0, mix_beta=1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def repeat_fixture():
+    return load("repeat")
+
+
+@pytest.mark.parametrize("case", list(REPEAT_CASES))
+def test_batch_with_a_class_drawn_twice_matches_official(repeat_fixture, case):
+    """The official criterion takes a batch that holds class 4 in two groups: the proxy
+    loss sees one class of four samples, pos_class_mix one pair of it (4 pairs in 5
+    reserved rows, the fifth masked out of every term and BatchNorm statistic)."""
+    f, p = repeat_fixture, case + "__"
+    config = DadaConfig(**_SMALL, **REPEAT_CASES[case])
+    disc = make_discriminators(config, num_classes=NUM_CLASSES)
+    v = disc_variables(f, config, prefix=p)
+    x, y = jnp.asarray(f["embeddings"]), jnp.asarray(f["labels"])
+    proxies = jnp.asarray(f[p + "proxies"])
+    g_draws, d_draws = draws_of(config, f[p + "gen_draws"]), draws_of(config, f[p + "dis_draws"])
+
+    def terms(params, x, q, draws, **kw):
+        return dada_terms(disc, {"params": params, "batch_stats": v["batch_stats"]}, x, y, q,
+                          config=config, draws=draws, **kw)
+
+    def gen(x, q):
+        t, _ = terms(v["params"], x, q, g_draws)
+        return generator_objective(t, config=config), t
+
+    def dis(params):
+        t, stats = terms(params, x, proxies, d_draws, with_proxy_loss=False)
+        return discriminator_objective(t, config=config), (t, stats)
+
+    def both(x, q, params):
+        plain = dada_proxy_loss(x, y, q, pos_alpha=config.pos_alpha, neg_alpha=config.neg_alpha)
+        return (plain, jax.value_and_grad(gen, argnums=(0, 1), has_aux=True)(x, q),
+                jax.value_and_grad(dis, has_aux=True)(params))
+
+    plain, ((g_loss, g_terms), g_grads), ((d_loss, (d_terms, stats)), d_grads) = quick_jit(
+        both, x, proxies, v["params"])
+    assert_close(plain, f[p + "proxy_loss_plain"], what="proxy loss")
+    assert_close(g_terms.proxy, f[p + "gen_proxy_loss"], what="proxy loss of the forward")
+    assert_close(g_loss, f[p + "gen_loss"], what="generator objective")
+    assert_close(g_grads[0], f[p + "gen_grad_embeddings"], what="d/d embeddings")
+    assert_close(g_grads[1], f[p + "gen_grad_proxies"], what="d/d proxies")
+    assert_close(d_loss, f[p + "dis_loss"], what="discriminator objective")
+    compare_disc_tree(d_grads, f, p + "dis_grad_", "discriminator grad")
+    for sub, off in (("domain", "domain"), ("classifier", "class")):
+        for name, st in stats[sub].items():
+            assert_close(st["mean"], f[f"{p}step_{off}.{name}_fc.running_mean"],
+                         what=f"{sub} {name} running mean")
+    if config.pos_class_mix:
+        assert int(g_terms.pair_count) == int(f[p + "pair_count"]) == 4
