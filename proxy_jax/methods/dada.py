@@ -13,10 +13,13 @@ The official training loop (``main.py`` of Noahsark/DADA), per batch:
 :func:`dada_update` does the same with one forward fewer: the forward of step 1 is taken
 with ``jax.vjp`` and its pull-back reused by the first generator update, which is exact
 because the discriminator updates do not touch the network (the official no-grad forward
-and its first gradient forward see the same weights and batch). Only a network whose
-BatchNorm is *trained* differs: the official loop moves its running statistics twice per
-batch (once per forward), here once. Further generator updates (``g_step > 1``) run fresh
-forwards, as the official loop does.
+and its first gradient forward see the same weights and batch). Each official forward runs
+in training mode, so a network whose BatchNorm *trains* (SOP, In-shop) moves its running
+statistics once per forward: twice per batch when the generator updates (the no-grad
+forward and the first gradient forward), once in the discriminator warm-up. There, and only
+there, one extra forward computes the statistics alone (``stats_forward``). Further
+generator updates (``g_step > 1``) run fresh forwards, as the official loop does, each from
+the statistics the previous forward left.
 
 As a method (:data:`METHOD`, ``config.method = 'dada'``) it owns the ``config.dada``
 section and runs in the trainer's one loop, mesh, checkpoints and evaluation. Its train
@@ -64,7 +67,7 @@ def _net(gen_params: dict) -> dict:
 
 
 def dada_update(
-    embed: Callable[[Any], Tuple[Array, Any]],
+    embed: Callable[[Any, Any], Tuple[Array, Any]],
     gen_params: dict,
     gen_opt_state: Any,
     disc_params: dict,
@@ -82,6 +85,8 @@ def dada_update(
     update_generator: bool | Array = True,
     max_pairs: Optional[int] = None,
     draws: Optional[Any] = None,
+    net_aux: Any = (),
+    stats_forward: bool = False,
 ) -> Tuple[dict, Any, dict, Any, Any, Any, dict]:
     """One batch of DADA: ``d_step`` discriminator updates, then ``g_step`` generator updates.
 
@@ -101,10 +106,11 @@ def dada_update(
     dropout mask from its own key.
 
     Args:
-      embed: ``net_params -> (raw embeddings [B, D] float, aux)`` of the global batch,
-        ``net_params`` being ``gen_params`` without 'proxies' and 'mix';
-        ``aux`` (e.g. updated BatchNorm statistics of the network) is returned as is from
-        the last forward.
+      embed: ``(net_params, aux) -> (raw embeddings [B, D] float, aux)`` of the global
+        batch, ``net_params`` being ``gen_params`` without 'proxies' and 'mix', ``aux``
+        the network's state that a training forward moves (its BatchNorm statistics); each
+        forward starts from the ``aux`` the previous one returned (the first from
+        ``net_aux``), and the last one's is returned.
       gen_params, gen_opt_state: the generator side and its optax state.
       disc_params, disc_batch_stats, disc_opt_state: the discriminator side, its
         BatchNorm running statistics and its optax state.
@@ -122,6 +128,10 @@ def dada_update(
         official criterion; see :func:`~proxy_jax.regularizers.dada.positive_pairs`).
       draws: optional fixed Beta variables, a sequence of ``d_step + g_step``
         :class:`~proxy_jax.regularizers.dada.DadaDraws` (tests); drawn from ``key`` if None.
+      net_aux: ``aux`` before this batch.
+      stats_forward: the network's BatchNorm trains: when the generator updates, one more
+        forward (statistics only) stands for the official first gradient forward, whose
+        output the reused pull-back replaces but whose statistics update it does not.
 
     Returns:
       ``(gen_params, gen_opt_state, disc_params, disc_batch_stats, disc_opt_state, aux,
@@ -166,7 +176,8 @@ def dada_update(
 
     # One forward with its pull-back: the discriminators train on its (fixed) output, the
     # first generator update back-propagates through it.
-    embeddings, pullback, aux = jax.vjp(embed, _net(gen_params), has_aux=True)
+    embeddings, pullback, aux = jax.vjp(lambda net: embed(net, net_aux), _net(gen_params),
+                                        has_aux=True)
     fixed = jax.lax.stop_gradient(embeddings)
     fixed_proxies = jax.lax.stop_gradient(gen_params["proxies"])
 
@@ -213,9 +224,11 @@ def dada_update(
                     loss_of, argnums=(0, 1), has_aux=True)(embeddings, rest)
                 (g_net,) = pullback(g_emb)
                 grads = {**g_rest, **g_net}
+                if stats_forward:  # the official first gradient forward's statistics
+                    _, aux = embed(jax.lax.stop_gradient(_net(gp)), aux)
             else:
-                def loss_of(gp, stats=stats, k=k):
-                    emb, new_aux = embed(_net(gp))
+                def loss_of(gp, stats=stats, k=k, aux=aux):
+                    emb, new_aux = embed(_net(gp), aux)
                     terms, new_stats = gen_terms(emb, gp, stats, k)
                     return dada.generator_objective(terms, config=config), (terms, new_stats,
                                                                              new_aux)
@@ -522,8 +535,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     update_generator = (True if plan.d_warmup_epochs == 0 else  # static: no selection
                         state.step // steps_per_epoch >= plan.d_warmup_epochs)
 
-    def embed(net_params):
-        return forward_global(model, net_params, state.batch_stats, batch["image"],
+    def embed(net_params, batch_stats):
+        return forward_global(model, net_params, batch_stats, batch["image"],
                               freeze_bn=freeze_bn, replicated=replicated)
 
     side = state.extra["discriminators"]
@@ -532,7 +545,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
         embed, state.params, state.opt_state, side["params"], side["batch_stats"],
         side["opt_state"], batch["label"], key, gen_tx=tx, disc_tx=plan.disc_tx,
         discriminators=plan.discriminators, config=plan.game, d_step=plan.d_step,
-        g_step=plan.g_step, update_generator=update_generator)
+        g_step=plan.g_step, update_generator=update_generator, net_aux=state.batch_stats,
+        stats_forward=not freeze_bn)
     use_gen = update_generator & jnp.isfinite(metrics["dis_loss"])
     metrics = {**metrics,
                "loss": jnp.where(use_gen, metrics["gen_loss"], metrics["dis_loss"]),

@@ -110,7 +110,10 @@ class BatchNorm(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, mask: Optional[jax.Array] = None) -> jax.Array:
+        """``x`` [..., C] → [..., C] in ``dtype``. ``mask`` (bool, broadcastable to ``x``,
+        e.g. [B, 1]): in training mode the statistics come from the marked entries only,
+        as torch's over those rows alone; every row is normalized."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -121,11 +124,17 @@ class BatchNorm(nn.Module):
             mean, var = running_mean.value, running_var.value
         else:
             axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-            if not self.is_initializing():
+            if mask is None:
                 n = x.size // c
-                batch_var = var * (n / max(n - 1, 1)) if self.rule.unbiased_var else var
+                mean = jnp.mean(x32, axis=axes)
+                var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            else:
+                weight = jnp.broadcast_to(mask, x.shape).astype(jnp.float32)
+                n = jnp.sum(weight, axis=axes)
+                mean = jnp.sum(x32 * weight, axis=axes) / n
+                var = jnp.sum(jnp.square(x32 - mean) * weight, axis=axes) / n
+            if not self.is_initializing():
+                batch_var = var * (n / jnp.maximum(n - 1, 1)) if self.rule.unbiased_var else var
                 m = self.rule.momentum
                 running_mean.value = (1 - m) * running_mean.value + m * mean
                 running_var.value = (1 - m) * running_var.value + m * batch_var

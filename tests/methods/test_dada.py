@@ -176,6 +176,43 @@ def test_dada_step_is_independent_of_the_device_count(tiny_root, dada_config):
     assert max(moved) > 0.0
 
 
+def test_trained_batchnorm_moves_once_per_official_forward(tiny_root, dada_config):
+    # The official loop runs every forward in training mode: the no-grad one (always) and
+    # the first gradient one (after the discriminator warm-up). So the network's running
+    # statistics move once in a warm-up step and twice in a full step (g_step 1), each time
+    # by the batch's own statistics (the network's weights are the same in both forwards).
+    config = dada_config("dada_sop", tiny_root, steps_per_epoch=1)
+    assert not config.model.freeze_bn and config.dada.d_warmup_epochs == 1
+    run = train.build(config)
+    mesh = parallel.make_mesh(1)
+    state = parallel.replicate(jax.device_get(run.state), mesh)
+    step = parallel.parallelize(run.plan.step_fn, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+             "label": np.repeat(rng.permutation(4), 2).astype(np.int32)}
+
+    def forward(params, stats):  # one training-mode forward: the statistics it leaves
+        net = {k: v for k, v in params.items() if k in ("backbone", "embedding")}
+        _, updates = run.model.apply({"params": net, "batch_stats": stats}, batch["image"],
+                                     train=True, mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    before = jax.device_get(state)
+    warm, _ = step(state, parallel.shard_batch(batch, mesh))  # step 0: the warm-up
+    warm = jax.device_get(warm)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 warm.batch_stats, forward(before.params, before.batch_stats))
+    full, metrics = step(parallel.replicate(warm, mesh), parallel.shard_batch(batch, mesh))
+    full = jax.device_get(full)
+    assert float(metrics["gen_loss"]) != 0.0  # the generator did update
+    twice = forward(warm.params, forward(warm.params, warm.batch_stats))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 full.batch_stats, twice)
+    once = forward(warm.params, warm.batch_stats)
+    assert not np.allclose(full.batch_stats["backbone"]["bn1"]["mean"],
+                           once["backbone"]["bn1"]["mean"], rtol=1e-3)
+
+
 # ---------------------------------------------------------------------------- resume
 
 def _latest(workdir, run):

@@ -116,3 +116,20 @@ def test_resnet_in_training_mode_updates_like_torch(tmp_path):
         module = dict(trunk.named_modules())[{"bn1": "1", "layer4.1.bn2": "7.1.bn2"}[name]]
         assert _relative_error(got["mean"], module.running_mean.numpy()) < 1e-4, name
         assert _relative_error(got["var"], module.running_var.numpy()) < 1e-4, name
+
+
+def test_masked_statistics_are_those_of_the_marked_rows():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, C)).astype(np.float32)
+    mask = np.array([True, False, True, True, False, True])
+    bn = BatchNorm(frozen=False, rule=BatchNormRule(0.9))
+    variables = bn.init(jax.random.PRNGKey(0), x)
+    y, updates = bn.apply(variables, x, mask=mask[:, None], mutable=["batch_stats"])
+    ref = torch.nn.BatchNorm1d(C, momentum=0.9).train()
+    with torch.no_grad():
+        ref(torch.from_numpy(x[mask]))
+    np.testing.assert_allclose(updates["batch_stats"]["var"], ref.running_var.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], ref.running_mean.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    mean, var = x[mask].mean(0), x[mask].var(0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)

@@ -491,7 +491,7 @@ def _adam(lr, decay=0.0):
 
 def _network(feats):
     """The fixtures' tiny "embedding network": linear, then LayerNorm without affine."""
-    def embed(net):
+    def embed(net, aux):
         z = feats @ net["model"]["w"].T + net["model"]["b"]
         mu = jnp.mean(z, -1, keepdims=True)
         var = jnp.mean(jnp.square(z - mu), -1, keepdims=True)
@@ -590,8 +590,8 @@ def test_full_update_on_8_devices_matches_official_and_1_device(fixtures):
     sharded = NamedSharding(mesh, PartitionSpec("data"))
 
     def gather(embed):  # the trainer gathers the embeddings before the objective
-        def gathered(net):
-            emb, aux = embed(net)
+        def gathered(net, aux):
+            emb, aux = embed(net, aux)
             return jax.lax.with_sharding_constraint(emb, replicated), aux
         return gathered
 
