@@ -15,7 +15,9 @@ Defaults of its main.py that the command keeps: backbone bninception, pooling GA
 decay rate 0.1, input 224 (RandomResizedCrop + flip; test Resize 256 + CenterCrop 224), no
 warm-up, no gradient clipping, Recall@{1,2,4,8}. Proxies [C, D] kaiming_uniform(a=√5)
 (fan = D); embedding layer torch.nn.Linear's default init. Learning rates ×0.1 from
-(1-based) epoch 50 on.
+(1-based) epoch 50 on. The train loader shuffles without ``drop_last`` (utils/custom_loader.py),
+so an epoch of Cars196's 8,054 images is 63 Adam steps, the last of 118 images
+(``data.drop_last=False``: padded to 128 and masked).
 
 Published: Recall@1 83.08 ± 0.21 (8 runs; the MemVir README reports 83.22 ± 0.12 over 5).
 
@@ -40,6 +42,7 @@ def get_config():
     config.data.n_instance = 1
     config.data.num_workers = 5
     config.data.eval_batch_size = 128
+    config.data.drop_last = False  # torch DataLoader(shuffle=True), no drop_last
 
     config.model.backbone = "bn_inception"
     config.model.embedding_dim = 512

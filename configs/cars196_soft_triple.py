@@ -12,7 +12,9 @@ weight decay 1e-4 on every parameter, centres included), model lr 1e-4, centre l
 every rate ×0.1 at the start of 0-based epochs 19 and 39 (``adjust_learning_rate``:
 ``(epoch + 1) % 20 == 0``, our 'step_decay' with decay_step 20 and no stop); batch 32,
 plain shuffling, 50 epochs; RandomResizedCrop(224) + flip, test Resize(256) +
-CenterCrop(224); one evaluation, after the last epoch, Recall@{1,2,4,8} and NMI.
+CenterCrop(224); one evaluation, after the last epoch, Recall@{1,2,4,8} and NMI. Its train loader shuffles
+without ``drop_last`` (train.py:106-107): 252 steps per Cars196 epoch, the last of 22
+images (``data.drop_last=False``, inherited).
 
 Published (the paper's Cars196 table, BN-Inception): Recall@1 78.6 at 64-d and 84.5 at
 512-d (``--config.model.embedding_dim=512``). These are quoted from the paper; no copy of

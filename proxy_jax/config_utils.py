@@ -143,6 +143,9 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.data.sampler = "class_balanced"
     c.data.num_workers = 4
     c.data.eval_batch_size = 128
+    # False: every epoch ends with the partial batch, padded to batch_size with masked rows
+    # (ceil(N / B) steps, as torch's DataLoader without drop_last); True: it is dropped.
+    c.data.drop_last = True
 
     c.model = ml_collections.ConfigDict()
     c.model.backbone = "bn_inception"
@@ -250,6 +253,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "optimizer.grad_clip_norm", "optimizer.backbone_lr", "optimizer.embedding_lr",
                   "optimizer.proxy_lr", "eval.num_queries", "eval.map_points",
                   "regularizer.memvir_warm_epochs"), 0)
+    if not c.data.drop_last and c.method != "proxy":
+        raise ValueError(f"config.data.drop_last=False (a padded, masked last batch) is only "
+                         f"supported by method 'proxy', got method {c.method!r}")
+    if not c.data.drop_last and not c.model.freeze_bn:
+        raise ValueError("config.data.drop_last=False pads the last batch of an epoch, whose "
+                         "padded rows would enter BatchNorm's batch statistics; it needs "
+                         "config.model.freeze_bn=True")
     if c.data.batch_size % c.data.n_instance:
         raise ValueError(f"config.data.batch_size ({c.data.batch_size}) must be a multiple of "
                          f"config.data.n_instance ({c.data.n_instance})")

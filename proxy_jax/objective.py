@@ -2,8 +2,8 @@
 
 ``make_objective(config, …)`` returns an :class:`Objective` whose ``loss_fn`` is::
 
-    loss_fn(embeddings [B, D], labels [B], proxies [P, D] | None, *, key, extra, epoch)
-        -> (loss: float32 scalar, new_extra)
+    loss_fn(embeddings [B, D], labels [B], proxies [P, D] | None, *, key, extra, epoch,
+            sample_mask [B] bool | None) -> (loss: float32 scalar, new_extra)
 
 It knows nothing about networks, optimizers or devices: the proxy method
 (:mod:`proxy_jax.methods.proxy`) runs the backbone (sharded over devices) and hands this
@@ -24,7 +24,8 @@ Compatibility follows from the declarations, never from names: a regularizer *ne
 properties of the loss ('proxies': a proxy loss; 'one_proxy_per_class': row c of the
 proxies is class c) and of the batch ('pairs': checked on the host before every step);
 it *produces* features of the batch it hands on ('synthetic': appended samples and classes;
-'masks': sample and proxy masks; 'expanded': extra points a loss must know of), and every
+'masks': sample and proxy masks; 'expanded': extra points a loss must know of; 'padded', from
+the data: masked padded rows), and every
 later stage and the loss must *accept* each feature it receives. An incompatible chain fails
 at start-up naming both parts and the feature.
 
@@ -78,7 +79,7 @@ class Loss(NamedTuple):
     memvir_fused: Optional[Callable[..., Array]] = None
 
 
-_MASKS = frozenset({"masks", "synthetic"})
+_MASKS = frozenset({"masks", "synthetic", "padded"})
 
 LOSSES = {
     "norm_softmax": Loss(losses.norm_softmax, {"scale": 23.0}, lambda c: dict(scale=c.scale),
@@ -206,11 +207,25 @@ def _build_ps(reg, ctx: Context) -> Stage:
         key_order, key_lambda = jax.random.split(key)
         # The official loop reorders each batch so that y[i] != y[i+1]: synthetic class
         # i mixes rows i and i-1, and must not be a mix of one class with itself.
-        order = regularizers.distinct_neighbours(flow.labels, key_order)
-        e, y, p = regularizers.proxy_synthesis(key_lambda, flow.embeddings[order],
-                                               flow.labels[order], flow.proxies,
-                                               alpha=alpha, mu=mu)
-        return flow._replace(embeddings=e, labels=y, proxies=p), extra
+        if flow.sample_mask is None:
+            order = regularizers.distinct_neighbours(flow.labels, key_order)
+            e, y, p = regularizers.proxy_synthesis(key_lambda, flow.embeddings[order],
+                                                   flow.labels[order], flow.proxies,
+                                                   alpha=alpha, mu=mu)
+            return flow._replace(embeddings=e, labels=y, proxies=p), extra
+        # A padded batch: the real rows are reordered among themselves and come first;
+        # synthesis uses them only (the official step on torch's partial batch).
+        order = regularizers.distinct_neighbours(flow.labels, key_order, flow.sample_mask)
+        if mu == 0:
+            return flow._replace(embeddings=flow.embeddings[order], labels=flow.labels[order],
+                                 sample_mask=flow.sample_mask[order]), extra
+        e, y, p, sample_mask, proxy_mask = regularizers.masked_proxy_synthesis(
+            key_lambda, flow.embeddings[order], flow.labels[order], flow.proxies,
+            flow.sample_mask[order], alpha=alpha, mu=mu)
+        if flow.proxy_mask is not None:
+            proxy_mask = jnp.concatenate([flow.proxy_mask, proxy_mask[flow.proxies.shape[0]:]])
+        return flow._replace(embeddings=e, labels=y, proxies=p, sample_mask=sample_mask,
+                             proxy_mask=proxy_mask), extra
     return Stage(apply)
 
 
@@ -238,31 +253,39 @@ def _build_memvir(reg, ctx: Context) -> Stage:
         memory = extra["memvir"]
         b, c = flow.real_samples, flow.real_classes
         real_x, real_y, real_p = flow.embeddings[:b], flow.labels[:b], flow.proxies[:c]
+        # The real rows of a padded batch (None: all rows real).
+        real_mask = None if flow.sample_mask is None else flow.sample_mask[:b]
         # Official order (MemVir main.py): read the memory, push the current step, then
         # the loss over the current step and what was read.
         if fused is not None:
             flow = flow._replace(loss=fused(memory, flow.embeddings, flow.labels,
-                                            flow.proxies, **ctx.loss_kwargs))
+                                            flow.proxies, **ctx.loss_kwargs,
+                                            sample_mask=real_mask))
         else:
             x, y, p, sample_mask, proxy_mask = memvir.memvir_virtual(memory, real_x, real_y,
-                                                                     real_p)
+                                                                     real_p, real_mask)
             # What an earlier stage appended (PS's synthetic classes) goes after the
             # virtual classes, relabelled past them; a loss does not depend on the order.
             added_x, added_y = flow.embeddings[b:], flow.labels[b:]
             added_p = flow.proxies[c:]
             offset = p.shape[0] - c
+            added_sample_mask = (jnp.ones(added_x.shape[:1], bool) if flow.sample_mask is None
+                                 else flow.sample_mask[b:])
+            added_proxy_mask = (jnp.ones(added_p.shape[:1], bool) if flow.proxy_mask is None
+                                else flow.proxy_mask[c:])
             flow = flow._replace(
                 embeddings=jnp.concatenate([x, added_x.astype(x.dtype)]),
                 labels=jnp.concatenate([y, added_y.astype(y.dtype) + offset]),
                 proxies=jnp.concatenate([p, added_p.astype(p.dtype)]),
-                sample_mask=jnp.concatenate([sample_mask, jnp.ones(added_x.shape[:1], bool)]),
-                proxy_mask=jnp.concatenate([proxy_mask, jnp.ones(added_p.shape[:1], bool)]))
+                sample_mask=jnp.concatenate([sample_mask, added_sample_mask]),
+                proxy_mask=jnp.concatenate([proxy_mask, added_proxy_mask]))
         # The official code pushes (and reads) only while its 1-based epoch is
         # > warm_epoch; ``epoch`` here is the trainer's 0-based step // steps_per_epoch,
         # so that is epoch + 1 > warm_epochs, i.e. epoch >= warm_epochs. During the
         # warm-up the memory stays empty, so the read above adds nothing either.
         memory = memvir.memvir_push(memory, jax.lax.stop_gradient(real_x), real_y,
-                                    jax.lax.stop_gradient(real_p), active=epoch >= warm_epochs)
+                                    jax.lax.stop_gradient(real_p), active=epoch >= warm_epochs,
+                                    sample_mask=real_mask)
         return flow, {**extra, "memvir": memory}
     return Stage(apply, "memvir", init_extra)
 
@@ -287,11 +310,13 @@ def _build_ee(reg, ctx: Context) -> Stage:
 REGULARIZERS = {
     "ps": Regularizer({"ps_alpha": 0.4, "ps_mu": 1.0},
                       needs=frozenset({"proxies", "one_proxy_per_class"}),
-                      accepts=frozenset(), produces=frozenset({"synthetic"}), build=_build_ps),
+                      accepts=frozenset({"padded"}), produces=frozenset({"synthetic"}),
+                      build=_build_ps),
     "memvir": Regularizer({"memvir_num_steps": 45, "memvir_step_gap": 10,
                            "memvir_warm_epochs": 0},
                           needs=frozenset({"proxies", "one_proxy_per_class"}),
-                          accepts=frozenset({"synthetic"}), produces=frozenset({"masks"}),
+                          accepts=frozenset({"synthetic", "padded"}),
+                          produces=frozenset({"masks"}),
                           build=_build_memvir),
     "ee": Regularizer({"ee_num_inner": 2, "ee_l2_norm": True}, needs=frozenset({"pairs"}),
                       accepts=frozenset(), produces=frozenset({"expanded"}), build=_build_ee,
@@ -299,6 +324,7 @@ REGULARIZERS = {
 }
 
 _WHAT = {"proxies": "a proxy loss", "one_proxy_per_class": "one proxy row per class",
+         "padded": "the padded last batch (data.drop_last=False)",
          "synthetic": "appended synthetic classes", "masks": "masked (virtual) samples and "
          "classes", "expanded": "expanded points", "pairs": "batches of same-class pairs"}
 
@@ -315,8 +341,13 @@ def regularizer_chain(name: str) -> list[str]:
     return names
 
 
-def check_chain(loss_name: str, chain: list[str], loss_config=None) -> None:
-    """Raises ValueError, naming both parts, if the chain does not compose with the loss."""
+def check_chain(loss_name: str, chain: list[str], loss_config=None, *,
+                padded: bool = False) -> None:
+    """Raises ValueError, naming both parts, if the chain does not compose with the loss.
+
+    ``padded``: the batches include the masked padded last batch of an epoch
+    (``data.drop_last=False``); the chain and the loss must then take sample masks.
+    """
     if loss_name not in LOSSES:
         raise ValueError(f"config.loss.name must be one of {sorted(LOSSES)}, got {loss_name!r}")
     loss = LOSSES[loss_name]
@@ -326,6 +357,8 @@ def check_chain(loss_name: str, chain: list[str], loss_config=None) -> None:
         if loss_config is None or loss.centers_per_class(loss_config) == 1:
             has.add("one_proxy_per_class")
     produced: dict[str, str] = {}  # feature -> the stage that produced it
+    if padded:
+        produced["padded"] = "padded"
     for name in chain:
         reg = REGULARIZERS[name]
         missing = [n for n in ("proxies", "one_proxy_per_class") if n in reg.needs - has]
@@ -335,11 +368,17 @@ def check_chain(loss_name: str, chain: list[str], loss_config=None) -> None:
                              f"{loss_name!r} has {'none' if need == 'proxies' else 'several'}")
         for feature, source in produced.items():
             if feature not in reg.accepts:
+                if source == "padded":
+                    raise ValueError(f"regularizer {name!r} cannot take {_WHAT[feature]}: it "
+                                     "has no sample masks; set config.data.drop_last=True")
                 raise ValueError(f"regularizer {name!r} cannot follow {source!r}: it does not "
                                  f"take the {_WHAT[feature]} that {source!r} produces")
         produced.update({f: name for f in reg.produces})
     for feature, source in produced.items():
         if feature not in loss.accepts:
+            if source == "padded":
+                raise ValueError(f"loss {loss_name!r} cannot take {_WHAT[feature]}: it has no "
+                                 "sample masks; set config.data.drop_last=True")
             raise ValueError(f"loss {loss_name!r} cannot take the {_WHAT[feature]} that "
                              f"regularizer {source!r} produces")
 
@@ -350,9 +389,10 @@ class Objective(NamedTuple):
     """What the proxy method needs to know about the objective of a config.
 
     Attributes:
-      loss_fn: ``(embeddings, labels, proxies, *, key, extra, epoch) -> (loss, extra)``,
-        pure and jittable; ``proxies`` is None for a loss without them; ``extra`` holds
-        the chain's carried states by name (``{'memvir': MemVirState}``).
+      loss_fn: ``(embeddings, labels, proxies, *, key, extra, epoch, sample_mask=None)
+        -> (loss, extra)``, pure and jittable; ``sample_mask`` [B] bool marks the real rows
+        of a padded batch (None: all real); ``proxies`` is None for a loss without them;
+        ``extra`` holds the chain's carried states by name (``{'memvir': MemVirState}``).
       uses_proxies: whether ``params['proxies']`` exists.
       num_proxy_rows: its rows P (C · centres per class).
       init_extra: ``() -> dict`` of the initial carried states ({} for none).
@@ -386,7 +426,7 @@ def make_objective(config, *, num_classes: int, global_batch_size: int,
         does not compose with the loss (naming both).
     """
     chain = regularizer_chain(config.regularizer.name)
-    check_chain(config.loss.name, chain, config.loss)
+    check_chain(config.loss.name, chain, config.loss, padded=not config.data.drop_last)
     loss = LOSSES[config.loss.name]
     if not _fused_memvir:
         loss = loss._replace(memvir_fused=None)
@@ -396,8 +436,15 @@ def make_objective(config, *, num_classes: int, global_batch_size: int,
     stages = [REGULARIZERS[name].build(config.regularizer, ctx) for name in chain]
     checks = [REGULARIZERS[n].check_batch for n in chain if REGULARIZERS[n].check_batch]
 
-    def loss_fn(embeddings, labels, proxies, *, key, extra, epoch):
-        flow = Flow(embeddings, labels, proxies, None, None, embeddings.shape[0],
+    def loss_fn(embeddings, labels, proxies, *, key, extra, epoch, sample_mask=None):
+        if sample_mask is not None:
+            # Padded rows carry label -1, set to 0 (a class index every gather accepts); they
+            # are zero images and may embed to zero: ones keep every normalization's
+            # gradient finite, and no gradient reaches the network through them.
+            sample_mask = jnp.asarray(sample_mask, bool)
+            labels = jnp.where(sample_mask, labels, 0)
+            embeddings = jnp.where(sample_mask[:, None], embeddings, jnp.ones_like(embeddings))
+        flow = Flow(embeddings, labels, proxies, sample_mask, None, embeddings.shape[0],
                     num_classes, {})
         for i, stage in enumerate(stages):
             # The first stage takes the step's key itself (a single regularizer draws

@@ -64,10 +64,12 @@ def make_train_sampler(config: ml_collections.ConfigDict, dataset):
 
 
 def steps_per_epoch_of(config: ml_collections.ConfigDict, sampler) -> int:
-    """``config.steps_per_epoch``, or the sampler's number of full global batches."""
+    """``config.steps_per_epoch``, or the sampler's number of global batches per epoch: the
+    full ones (``config.data.drop_last``) or ``ceil(N / B)`` with the padded partial one."""
     if config.steps_per_epoch > 0:
         return config.steps_per_epoch
-    steps = sampler.num_batches(batch_size=config.data.batch_size, drop_remainder=True)
+    steps = sampler.num_batches(batch_size=config.data.batch_size,
+                                drop_remainder=bool(config.data.drop_last))
     if steps < 1:
         raise ValueError(f"config.data.batch_size ({config.data.batch_size}) is larger than an "
                          "epoch of the training set")
@@ -348,7 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         transform=transforms.transform_from_config(
             config.data, models.input_normalization(config.model.backbone), training=True),
         num_workers=config.data.num_workers, seed=config.seed,
-        shard_index=jax.process_index(), shard_count=jax.process_count(), drop_remainder=True)
+        shard_index=jax.process_index(), shard_count=jax.process_count(),
+        drop_remainder=bool(config.data.drop_last))
     if loader_state is not None:
         loader.set_state(loader_state)
     train_iter = iter(loader)

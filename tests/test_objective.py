@@ -295,3 +295,134 @@ def test_proxy_init_bad_names():
         init_proxies(jax.random.PRNGKey(0), num_rows=3, dim=4, init="xavier", fan="dim")
     with pytest.raises(ValueError, match="fan must be"):
         init_proxies(jax.random.PRNGKey(0), num_rows=3, dim=4, init="kaiming_normal", fan="x")
+
+
+# ------------------------------------------------- the padded last batch (data.drop_last=False)
+
+REAL = 5  # real rows of the padded batch of B = 8
+
+
+def _padded_inputs(seed=0, junk_seed=1):
+    """The first REAL rows of _inputs (labels with distinct cyclic neighbours), padded to B
+    with junk embeddings and label -1, as the loader pads the last batch; and the mask."""
+    emb, _, proxies = _inputs(seed)
+    labels = jnp.array([0, 1, 2, 3, 4, -1, -1, -1], jnp.int32)
+    junk = jax.random.normal(jax.random.PRNGKey(junk_seed), (B - REAL, D))
+    emb = emb.at[REAL:].set(junk)
+    return emb, labels, proxies, jnp.arange(B) < REAL
+
+
+def _padded_config(loss="norm_softmax", regularizer="", **reg):
+    c = _config(loss, regularizer, **reg)
+    c.data.drop_last = False
+    return c
+
+
+@pytest.mark.parametrize("loss", ["norm_softmax", "proxy_nca", "soft_triple"])
+def test_padded_step_equals_the_unpadded_partial_batch(loss):
+    """Loss and gradients of a padded batch equal those of its REAL rows alone (the
+    official step on torch's partial batch); padded rows get no gradient."""
+    emb, labels, proxies, mask = _padded_inputs()
+    config = _padded_config(loss)
+    rows = C * config.loss.centers_per_class if loss == "soft_triple" else C
+    proxies = jax.random.normal(jax.random.PRNGKey(5), (rows, D))
+    padded = make_objective(config, num_classes=C, global_batch_size=B)
+    plain = make_objective(_config(loss), num_classes=C, global_batch_size=REAL)
+    key = jax.random.PRNGKey(2)
+
+    def f_padded(e, p):
+        return padded.loss_fn(e, labels, p, key=key, extra={}, epoch=0, sample_mask=mask)[0]
+
+    def f_plain(e, p):
+        return plain.loss_fn(e, labels[:REAL], p, key=key, extra={}, epoch=0)[0]
+
+    got, (ge, gp) = jax.jit(jax.value_and_grad(f_padded, argnums=(0, 1)))(emb, proxies)
+    want, (we, wp) = jax.jit(jax.value_and_grad(f_plain, argnums=(0, 1)))(emb[:REAL], proxies)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(ge[:REAL], we, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gp, wp, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(ge[REAL:]))
+
+
+@pytest.mark.parametrize("mu", [1.0, 0.5])
+def test_padded_ps_step_equals_synthesis_of_the_real_rows(mu):
+    """PS on a padded batch: the real rows reordered among themselves (distinct cyclic
+    neighbours), ⌊b·μ⌋ synthetic classes of them only, the mean over b + ⌊b·μ⌋ rows; equal
+    (value and gradients) to proxy_synthesis of the unpadded b rows in that order."""
+    emb, labels, proxies, mask = _padded_inputs()
+    objective = make_objective(_padded_config("norm_softmax", "ps", ps_alpha=0.4, ps_mu=mu),
+                               num_classes=C, global_batch_size=B)
+    key = jax.random.PRNGKey(3)
+    key_order, key_lambda = jax.random.split(key)
+    order = regularizers.distinct_neighbours(jnp.where(mask, labels, 0), key_order, mask)
+    real_order = np.asarray(order[:REAL])
+    assert sorted(real_order.tolist()) == list(range(REAL))
+
+    def f_padded(e, p):
+        return objective.loss_fn(e, labels, p, key=key, extra={}, epoch=0, sample_mask=mask)[0]
+
+    def f_plain(e, p):  # e: the REAL rows in their original positions
+        x, y, pp = regularizers.proxy_synthesis(key_lambda, e[real_order], labels[real_order], p,
+                                                alpha=0.4, mu=mu)
+        assert x.shape[0] == REAL + math.floor(REAL * mu)
+        return losses.norm_softmax(x, y, pp, scale=23.0)
+
+    got, (ge, gp) = jax.jit(jax.value_and_grad(f_padded, argnums=(0, 1)))(emb, proxies)
+    want, (we, wp) = jax.value_and_grad(f_plain, argnums=(0, 1))(emb[:REAL], proxies)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(ge[:REAL], we, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gp, wp, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(ge[REAL:]))
+    # Other junk in the padded rows changes nothing.
+    other = _padded_inputs(junk_seed=7)[0]
+    np.testing.assert_allclose(jax.jit(f_padded)(other, proxies), got, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_padded_memvir_steps_ignore_the_padding(fused):
+    """MemVir over full and padded steps: the padded rows enter the memory as invalid
+    (label -1), so other junk there gives the same losses and the same valid memory; the
+    first step (empty memory) is the plain loss of the real rows. Memory contents against
+    the official queue: tests/regularizers/test_memvir.py (fixture memvir_partial.npz)."""
+    config = _padded_config("norm_softmax", "memvir", memvir_num_steps=2, memvir_step_gap=0)
+    objective = make_objective(config, num_classes=C, global_batch_size=B,
+                               _fused_memvir=fused)
+
+    @jax.jit
+    def step(e, y, p, mask, memory):
+        value, extra = objective.loss_fn(e, y, p, key=jax.random.PRNGKey(0),
+                                         extra={"memvir": memory}, epoch=0, sample_mask=mask)
+        return value, extra["memvir"]
+
+    runs = []
+    for junk_seed in (1, 2):
+        memory, values = objective.init_extra()["memvir"], []
+        for t in range(4):
+            if t % 2:
+                emb, labels, proxies, mask = _padded_inputs(seed=t, junk_seed=junk_seed + 10 * t)
+            else:
+                emb, labels, proxies = _inputs(seed=t)
+                mask = jnp.ones(B, bool)
+            value, memory = step(emb, labels, proxies, mask, memory)
+            values.append(float(value))
+        runs.append((values, memory))
+    (v1, m1), (v2, m2) = runs
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    np.testing.assert_array_equal(m1.labels, m2.labels)
+    valid = np.asarray(m1.labels) >= 0
+    assert (~valid).sum() == B - REAL  # slots of steps 2 (full) and 3 (padded)
+    np.testing.assert_array_equal(np.asarray(m1.embeddings)[valid],
+                                  np.asarray(m2.embeddings)[valid])
+    emb, labels, proxies, mask = _padded_inputs(seed=0)
+    first, _ = step(emb, labels, proxies, mask, objective.init_extra()["memvir"])
+    np.testing.assert_allclose(first, losses.norm_softmax(emb[:REAL], labels[:REAL], proxies,
+                                                          scale=23.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss, regularizer, message", [
+    ("hphn_triplet", "", "loss 'hphn_triplet' cannot take the padded last batch"),
+    ("hphn_triplet", "ee", "regularizer 'ee' cannot take the padded last batch"),
+])
+def test_padded_batches_need_masks_in_the_chain(loss, regularizer, message):
+    with pytest.raises(ValueError, match=message):
+        make_objective(_padded_config(loss, regularizer), num_classes=C, global_batch_size=B)

@@ -47,7 +47,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
 
     Args:
       state: the train state (replicated).
-      batch: {'image': float32 [B, H, W, 3], 'label': int32 [B]} (B global, sharded).
+      batch: {'image': float32 [B, H, W, 3], 'label': int32 [B]} (B global, sharded), and
+        'mask': bool [B] for the padded last batch of an epoch (``data.drop_last=False``):
+        its False rows count nowhere (loss means, synthetic classes, MemVir's memory).
       replicated: the mesh's replicated sharding: the embeddings are gathered to it before
         the loss, so every regularizer sees the whole batch.
 
@@ -62,7 +64,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
                                                  state.batch_stats, batch["image"],
                                                  freeze_bn=freeze_bn, replicated=replicated)
         loss, extra = objective.loss_fn(embeddings, batch["label"], params.get("proxies"),
-                                        key=key, extra=state.extra, epoch=epoch)
+                                        key=key, extra=state.extra, epoch=epoch,
+                                        sample_mask=batch.get("mask"))
         return loss.astype(jnp.float32), (batch_stats, extra)
 
     (loss, (batch_stats, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -77,7 +80,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
 
 def _validate(config: ml_collections.ConfigDict) -> None:
     chain = objective_lib.regularizer_chain(config.regularizer.name)
-    objective_lib.check_chain(config.loss.name, chain, config.loss)
+    objective_lib.check_chain(config.loss.name, chain, config.loss,
+                              padded=not config.data.drop_last)
 
 
 def _setup(config: ml_collections.ConfigDict, model, *, num_classes: int,

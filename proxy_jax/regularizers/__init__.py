@@ -16,10 +16,12 @@ loss of :mod:`proxy_jax.losses`:
 from proxy_jax.regularizers.expansion import check_pairs, embedding_expansion
 from proxy_jax.regularizers.memvir import (
     MemVirState, memvir_init, memvir_norm_softmax, memvir_proxy_nca, memvir_push, memvir_virtual)
-from proxy_jax.regularizers.synthesis import distinct_neighbours, proxy_synthesis
+from proxy_jax.regularizers.synthesis import (distinct_neighbours, masked_proxy_synthesis,
+                                              proxy_synthesis)
 
 __all__ = [
     "proxy_synthesis",
+    "masked_proxy_synthesis",
     "distinct_neighbours",
     "embedding_expansion",
     "check_pairs",

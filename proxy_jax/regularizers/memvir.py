@@ -18,6 +18,12 @@ Each step the official code
 With N=3, M=2 the virtual steps at step t are t−3, t−6, t−9, so their count is 0, 1, 2, 3
 for t < 3, 3–5, 6–8, ≥ 9. Nothing is pushed or read during the ``warm_epoch`` warm-up.
 
+The partial last batch of an epoch (torch's DataLoader without ``drop_last``) is a step
+like any other: officially it enters the queue with its b < B rows, and later virtual
+steps read those b rows. Here that batch arrives padded to B with a ``sample_mask``;
+:func:`memvir_push` stores its padded rows with label −1, and every read masks rows of
+label −1 out, so the memory holds what the official queue holds.
+
 In JAX the queue is a fixed-shape ring buffer (:class:`MemVirState`) carried in the train
 state, and the growing concatenation becomes fixed-shape arrays with validity masks, which
 every proxy loss of :mod:`proxy_jax.losses` accepts: a block that is not yet available is
@@ -90,7 +96,8 @@ class MemVirState:
 
     Attributes:
       embeddings: ``[L, B, D]`` embeddings of the pushed steps, ``L = N·(M+1)``.
-      labels: ``[L, B]`` int32 labels of the pushed steps.
+      labels: ``[L, B]`` int32 labels of the pushed steps; −1 marks a padded row (of a
+        partial batch), which no read uses.
       proxies: ``[L, C, D]`` raw proxies of the pushed steps (before that step's update).
       head: ``[]`` int32, the slot the next push writes.
       size: ``[]`` int32, how many slots hold a pushed step (at most L).
@@ -228,22 +235,33 @@ def _check_step(state: MemVirState, embeddings, labels, proxies) -> None:
         raise ValueError(f"proxies must be a float array, got {jnp.result_type(proxies)}")
 
 
+def _fill_padded(embeddings: Array, mask: Array) -> Array:
+    """``embeddings`` [B, D] with the padded rows (mask False) set to ones: a padded row may
+    be zero, and normalizing a zero row has a NaN gradient even where none flows back."""
+    return jnp.where(mask[:, None], embeddings, jnp.ones_like(embeddings))
+
+
 def _virtual_blocks(state: MemVirState):
     """The N virtual steps, most recent first: ages ``k·(M+1)`` for k = 1..N.
 
-    Returns ``(embeddings [N, B, D], labels [N, B], proxies [N, C, D], valid [N] bool)``,
-    all without gradient. Step k is valid once ``k·(M+1)`` steps were pushed, which is the
-    official selection ``reversed(queue)[M::M+1]`` of a queue holding ``size`` steps.
+    Returns ``(embeddings [N, B, D], labels [N, B], proxies [N, C, D], valid [N] bool,
+    rows [N, B] bool)``, all without gradient; padded rows' labels are 0 there. Step k is
+    valid once ``k·(M+1)`` steps were pushed, which is the official selection
+    ``reversed(queue)[M::M+1]`` of a queue holding ``size`` steps; ``rows`` marks its real
+    rows (valid steps only).
     """
     ages = (state.step_gap + 1) * jnp.arange(1, state.num_steps + 1, dtype=jnp.int32)
     slots = jnp.mod(state.head - ages, state.capacity)
     valid = ages <= state.size
     take = lambda a: lax.stop_gradient(jnp.take(a, slots, axis=0))
-    return take(state.embeddings), take(state.labels), take(state.proxies), valid
+    labels = take(state.labels)
+    rows = valid[:, None] & (labels >= 0)
+    return (take(state.embeddings), jnp.maximum(labels, 0), take(state.proxies), valid, rows)
 
 
 def memvir_virtual(
-    state: MemVirState, embeddings: Array, labels: Array, proxies: Array
+    state: MemVirState, embeddings: Array, labels: Array, proxies: Array,
+    sample_mask: Optional[Array] = None,
 ) -> tuple[Array, Array, Array, Array, Array]:
     """The current step extended with the memory's virtual steps, in fixed shapes.
 
@@ -263,6 +281,7 @@ def memvir_virtual(
       embeddings: ``[B, D]`` float embeddings of the current step (they keep their gradient).
       labels: ``[B]`` int labels in ``[0, C)``.
       proxies: ``[C, D]`` float current proxies (they keep their gradient).
+      sample_mask: optional ``[B]`` bool, the real rows of a padded current batch.
 
     Returns:
       ``embeddings [B+N·B, D]`` (dtype of ``embeddings``), ``labels [B+N·B]`` int32,
@@ -271,14 +290,16 @@ def memvir_virtual(
     """
     _check_step(state, embeddings, labels, proxies)
     n, b, c, d = state.num_steps, state.batch_size, state.num_classes, state.dim
-    mem_x, mem_y, mem_p, valid = _virtual_blocks(state)
+    mem_x, mem_y, mem_p, valid, mem_rows = _virtual_blocks(state)
+    current = jnp.ones((b,), bool) if sample_mask is None else jnp.asarray(sample_mask, bool)
+    embeddings = _fill_padded(embeddings, current)
     offsets = c * jnp.arange(1, n + 1, dtype=jnp.int32)
     all_x = jnp.concatenate([embeddings, mem_x.astype(embeddings.dtype).reshape(n * b, d)])
     all_y = jnp.concatenate(
         [labels.astype(jnp.int32), (mem_y + offsets[:, None]).reshape(n * b)]
     )
     all_p = jnp.concatenate([proxies, mem_p.astype(proxies.dtype).reshape(n * c, d)])
-    sample_mask = jnp.concatenate([jnp.ones((b,), bool), jnp.repeat(valid, b)])
+    sample_mask = jnp.concatenate([current, mem_rows.reshape(n * b)])
     proxy_mask = jnp.concatenate([jnp.ones((c,), bool), jnp.repeat(valid, c)])
     return all_x, all_y, all_p, sample_mask, proxy_mask
 
@@ -289,6 +310,7 @@ def memvir_push(
     labels: Array,
     proxies: Array,
     active: Union[bool, Array] = True,
+    sample_mask: Optional[Array] = None,
 ) -> MemVirState:
     """Pushes the current step into the memory, overwriting the oldest step when full.
 
@@ -304,6 +326,8 @@ def memvir_push(
       active: False leaves the state unchanged (the official warm-up: nothing is pushed
         while ``epoch <= warm_epoch``). A Python bool or a traced bool scalar; only one
         slot is rewritten either way, so the update stays in place under buffer donation.
+      sample_mask: optional ``[B]`` bool, the real rows of a padded batch; the others are
+        stored with label −1, so no later read uses them.
 
     Returns:
       The new :class:`MemVirState`. With a cache (``cache_loss``) the push also computes
@@ -317,6 +341,8 @@ def memvir_push(
     # Stored as the memory's dtype; the cache is computed from exactly what is stored.
     embeddings = lax.stop_gradient(embeddings).astype(state.embeddings.dtype)
     proxies = lax.stop_gradient(proxies).astype(state.proxies.dtype)
+    if sample_mask is not None:
+        labels = jnp.where(jnp.asarray(sample_mask, bool), labels, -1)
 
     def write(buffer, value):
         old = lax.dynamic_index_in_dim(buffer, head, axis=0, keepdims=False)
@@ -406,7 +432,8 @@ def _logits_fns(loss: str, scale: float) -> tuple[Callable, Callable]:
     return pairs, rows
 
 
-def _memvir_cross_entropy(state, embeddings, labels, proxies, loss: str, scale: float) -> Array:
+def _memvir_cross_entropy(state, embeddings, labels, proxies, loss: str, scale: float,
+                          sample_mask=None) -> Array:
     """Mean softmax cross-entropy over the current and the valid virtual rows.
 
     Equal to the base loss over :func:`memvir_virtual`'s output, computed in blocks so
@@ -433,13 +460,15 @@ def _memvir_cross_entropy(state, embeddings, labels, proxies, loss: str, scale: 
         )
     logits_fn, row_logits_fn = _logits_fns(loss, scale)
     n, b, c, d = state.num_steps, state.batch_size, state.num_classes, state.dim
-    mem_x, mem_y, mem_p, valid = _virtual_blocks(state)
-    xc, pc = normalized_pair(embeddings, proxies)
+    mem_x, mem_y, mem_p, valid, mem_rows = _virtual_blocks(state)
+    current = jnp.ones((b,), bool) if sample_mask is None else jnp.asarray(sample_mask, bool)
+    labels = jnp.where(current, labels, 0)
+    xc, pc = normalized_pair(_fill_padded(embeddings, current), proxies)
     dtype = xc.dtype
     xm = l2_normalize(mem_x.astype(dtype)).reshape(n * b, d)
     pm = l2_normalize(mem_p.astype(dtype)).reshape(n * c, d)
     col_valid = jnp.repeat(valid, c)[None, :]
-    row_valid = jnp.repeat(valid, b)
+    row_valid = mem_rows.reshape(n * b)
 
     # Current rows against every column.
     cur_cur = logits_fn(xc, pc)
@@ -469,12 +498,14 @@ def _memvir_cross_entropy(state, embeddings, labels, proxies, loss: str, scale: 
         mem_mem_lse = jax.nn.logsumexp(jnp.where(col_valid, mem_mem, -jnp.inf), axis=1)
     mem_lse = jnp.logaddexp(jax.nn.logsumexp(logits_fn(xm, pc), axis=1), mem_mem_lse)
 
-    total = jnp.sum(cur_lse - cur_label) + jnp.sum(jnp.where(row_valid, mem_lse - mem_label, 0.0))
-    return total / (b + jnp.sum(row_valid)).astype(dtype)
+    total = (jnp.sum(jnp.where(current, cur_lse - cur_label, 0.0))
+             + jnp.sum(jnp.where(row_valid, mem_lse - mem_label, 0.0)))
+    return total / (jnp.sum(current) + jnp.sum(row_valid)).astype(dtype)
 
 
 def memvir_norm_softmax(
-    state: MemVirState, embeddings: Array, labels: Array, proxies: Array, *, scale: float
+    state: MemVirState, embeddings: Array, labels: Array, proxies: Array, *, scale: float,
+    sample_mask: Optional[Array] = None,
 ) -> Array:
     """Norm-SoftMax with MemVir, fused: equals ``norm_softmax`` over ``memvir_virtual``.
 
@@ -488,19 +519,23 @@ def memvir_norm_softmax(
       labels: ``[B]`` int labels in ``[0, C)``.
       proxies: ``[C, D]`` float current proxies.
       scale: logit scale s.
+      sample_mask: optional ``[B]`` bool, the real rows of a padded current batch.
 
     Returns:
       The float32 scalar loss (the mean over the current and the valid virtual samples).
     """
-    return _memvir_cross_entropy(state, embeddings, labels, proxies, "norm_softmax", scale)
+    return _memvir_cross_entropy(state, embeddings, labels, proxies, "norm_softmax", scale,
+                                 sample_mask)
 
 
 def memvir_proxy_nca(
-    state: MemVirState, embeddings: Array, labels: Array, proxies: Array, *, scale: float
+    state: MemVirState, embeddings: Array, labels: Array, proxies: Array, *, scale: float,
+    sample_mask: Optional[Array] = None,
 ) -> Array:
     """Proxy-NCA with MemVir, fused: equals ``proxy_nca`` over ``memvir_virtual``.
 
     Same contract as :func:`memvir_norm_softmax`; reproduces the official MemVir
     ``ProxyNCA`` (squared distances, positive proxy kept in the denominator).
     """
-    return _memvir_cross_entropy(state, embeddings, labels, proxies, "proxy_nca", scale)
+    return _memvir_cross_entropy(state, embeddings, labels, proxies, "proxy_nca", scale,
+                                 sample_mask)

@@ -19,7 +19,7 @@ from proxy_jax.losses import check_inputs, check_labels, l2_normalize
 
 Array = jax.Array
 
-__all__ = ["proxy_synthesis", "distinct_neighbours"]
+__all__ = ["proxy_synthesis", "masked_proxy_synthesis", "distinct_neighbours"]
 
 
 def _static_float(mu) -> float:
@@ -158,7 +158,86 @@ def proxy_synthesis(
     return out_x, out_y, out_p
 
 
-def distinct_neighbours(labels: Array, key: Array) -> Array:
+def masked_proxy_synthesis(
+    key: Optional[Array],
+    embeddings: Array,
+    labels: Array,
+    proxies: Array,
+    sample_mask: Array,
+    *,
+    alpha: float,
+    mu: float,
+    lam: Optional[float | Array] = None,
+) -> Tuple[Array, Array, Array, Array, Array]:
+    """:func:`proxy_synthesis` of the ``b`` real rows of a padded batch, in fixed shapes.
+
+    The padded last batch of an epoch (``data.drop_last=False``) holds ``b <= B`` real rows
+    *first* (:func:`distinct_neighbours` with ``sample_mask`` orders them so), then padding.
+    The result equals :func:`proxy_synthesis` of the unpadded ``[b, D]`` batch, as the
+    official code runs it on torch's partial last batch: ``⌊b·μ⌋`` synthetic samples and
+    proxies, synthetic row i mixing real rows i and i−1 with row 0 mixing with row b−1,
+    the padded rows and the synthetic slots beyond ``⌊b·μ⌋`` masked out::
+
+      embeddings' = normalize([x̂; x_syn[:S]])        [B+S, D], S = ⌊B·μ⌋ (static)
+      proxies'    = normalize([p̂; p_syn[:S]])        [C+S, D]
+      labels'     = [y (0 where padded); C … C+S−1]  [B+S]
+      sample_mask' = [sample_mask; i < ⌊b·μ⌋]        [B+S] bool
+      proxy_mask'  = [True × C; i < ⌊b·μ⌋]           [C+S] bool
+
+    Hand all five to a proxy loss (``proxy_mask=``, ``sample_mask=``): its mean runs over
+    the b + ⌊b·μ⌋ valid rows, as the official loss over its smaller batch.
+
+    Args:
+      key, alpha, mu, lam: as :func:`proxy_synthesis` (``mu > 0``).
+      embeddings: ``[B, D]`` float embeddings, real rows first.
+      labels: ``[B]`` int labels in ``[0, C)`` where ``sample_mask`` (anything elsewhere).
+      proxies: ``[C, D]`` float proxies.
+      sample_mask: ``[B]`` bool, True for the real rows; they must be the first b rows.
+
+    Returns:
+      ``(embeddings [B+S, D], labels [B+S], proxies [C+S, D], sample_mask [B+S],
+      proxy_mask [C+S])``.
+    """
+    check_inputs(embeddings, labels, proxies, sample_mask=sample_mask)
+    mu = _static_float(mu)
+    if not 0.0 < mu <= 1.0:
+        raise ValueError(f"mu must lie in (0, 1] for masked synthesis, got {mu}")
+    batch, num_classes = embeddings.shape[0], proxies.shape[0]
+    num_slots = math.floor(batch * mu)
+    if num_slots == 0:
+        raise ValueError(f"mu={mu} with a batch of {batch} synthesizes no sample")
+    if lam is None:
+        if key is None:
+            raise ValueError("key must be a PRNG key when lam is not given")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        lam = jax.random.beta(key, alpha, alpha)
+    lam = jnp.asarray(lam, dtype=embeddings.dtype)
+    mask = jnp.asarray(sample_mask, bool)
+    real = jnp.sum(mask.astype(jnp.int32))
+    labels = jnp.where(mask, labels, 0).astype(jnp.asarray(labels).dtype)
+    # ⌊n·μ⌋ of the real count, looked up from Python floats (as the official int(b·μ)).
+    kept = jnp.asarray(np.array([math.floor(n * mu) for n in range(batch + 1)], np.int32))[real]
+
+    # Padded rows may be zero; normalizing a zero row has a NaN gradient.
+    x = l2_normalize(jnp.where(mask[:, None], embeddings, jnp.ones_like(embeddings)))
+    p = l2_normalize(jnp.asarray(proxies))
+    p_y = p[labels]
+    rows = jnp.arange(batch)
+    previous = jnp.where(rows == 0, real - 1, rows - 1)  # the wrap is at the last real row
+    x_syn = lam * x + (1 - lam) * x[previous]
+    p_syn = lam * p_y + (1 - lam) * p_y[previous]
+    synthetic_valid = jnp.arange(num_slots) < kept
+
+    out_x = l2_normalize(jnp.concatenate([x, x_syn[:num_slots]], axis=0))
+    out_p = l2_normalize(jnp.concatenate([p, p_syn[:num_slots]], axis=0))
+    out_y = jnp.concatenate([labels, num_classes + jnp.arange(num_slots, dtype=labels.dtype)])
+    out_sample_mask = jnp.concatenate([mask, synthetic_valid])
+    out_proxy_mask = jnp.concatenate([jnp.ones((num_classes,), bool), synthetic_valid])
+    return out_x, out_y, out_p, out_sample_mask, out_proxy_mask
+
+
+def distinct_neighbours(labels: Array, key: Array, sample_mask: Optional[Array] = None) -> Array:
     """A random permutation after which neighbouring labels differ, cyclically.
 
     ``labels[perm][i] != labels[perm][(i + 1) % B]`` for every i whenever such an order
@@ -185,9 +264,14 @@ def distinct_neighbours(labels: Array, key: Array) -> Array:
     it means exactly B/2 members, which only the most frequent class can have; putting
     that class first makes it fill the even slots exactly, so it does not straddle.
 
+    With ``sample_mask`` (a padded batch) the b real rows are ordered among themselves,
+    cyclically over their own b positions, and come first; the padded rows follow. All
+    rows real gives the same permutation as no mask.
+
     Args:
       labels: ``[B]`` int labels.
       key: PRNG key.
+      sample_mask: optional ``[B]`` bool, the real rows.
 
     Returns:
       ``[B]`` int32 permutation of ``range(B)``; gather with ``x[perm]``, ``labels[perm]``.
@@ -198,19 +282,23 @@ def distinct_neighbours(labels: Array, key: Array) -> Array:
         return jnp.zeros((0,), jnp.int32)
     key_order, key_shift = jax.random.split(key)
     u = jax.random.uniform(key_order, (batch,))
-    same = labels[:, None] == labels[None, :]
+    real = jnp.ones((batch,), bool) if sample_mask is None else jnp.asarray(sample_mask, bool)
+    num_real = jnp.sum(real.astype(jnp.int32))
+    same = (labels[:, None] == labels[None, :]) & real[:, None] & real[None, :]
     counts = jnp.sum(same, axis=1)
     # A random key shared by all members of a class (its members' smallest u), lowered by 2
-    # for the most frequent classes so that they come first.
+    # for the most frequent classes so that they come first; padded rows last (key 4).
     class_key = jnp.min(jnp.where(same, u[None, :], 2.0), axis=1)
     class_key = jnp.where(counts == jnp.max(counts), class_key - 2.0, class_key)
+    class_key = jnp.where(real, class_key, 4.0)
     # Primary: class_key; then the label itself, which keeps a class contiguous even if two
     # class keys collide; then u, a random order within the class.
     order = jnp.lexsort((u, labels, class_key)).astype(jnp.int32)
 
-    num_even = (batch + 1) // 2
+    num_even = (num_real + 1) // 2
     rank = jnp.arange(batch)
     slot = jnp.where(rank < num_even, 2 * rank, 2 * (rank - num_even) + 1)
-    perm = jnp.zeros((batch,), jnp.int32).at[slot].set(order)
+    # The rotation by a random offset, over the real positions only.
     shift = jax.random.randint(key_shift, (), 0, batch)
-    return jnp.roll(perm, shift)
+    position = jnp.where(rank < num_real, jnp.mod(slot + shift, jnp.maximum(num_real, 1)), rank)
+    return jnp.zeros((batch,), jnp.int32).at[position].set(order)

@@ -303,3 +303,86 @@ def test_bad_input_raises_value_error():
         memvir_norm_softmax(cached, x, y, p, scale=10.0)
     with pytest.raises(ValueError, match="cache"):
         memvir_proxy_nca(cached, x, y, p, scale=23.0)
+
+
+def _queue_contents(state):
+    """The memory oldest first, as the official queue: (rows [R, D], labels [R], sizes [L],
+    proxies [size, C, D]) with the padded rows (label −1) of each step left out."""
+    order = np.mod(int(state.head) - int(state.size) + np.arange(int(state.size)),
+                   state.capacity)
+    labels = np.asarray(state.labels)[order]
+    keep = labels >= 0
+    rows = np.asarray(state.embeddings)[order][keep]
+    return rows, labels[keep], keep.sum(axis=1), np.asarray(state.proxies)[order]
+
+
+@pytest.mark.parametrize("path", ["generic", "fused", "fused_cached"])
+def test_padded_partial_batches_match_official_memvir(path):
+    """Epochs whose last batch is partial, padded to B with a sample mask, against the
+    official queue, which stores that batch's b < B rows.
+
+    Fixture ``tests/fixtures/memvir_partial.npz``: the official navervision/MemVir
+    ``loss/memvir.py`` ``MemVir`` and ``loss/softmax_variants.py`` ``NormSoftmax`` (s=23),
+    run in a scratch folder outside the repository with torch in float64, in the call order
+    of its ``main.py`` (get_memory, put_memory(normalized output), criterion): N=2, M=1,
+    warm_epoch=0, 11 images, B=4, so each of 3 epochs has steps of 4, 4 and 3 images (torch's
+    DataLoader without drop_last); C=5, D=6; fresh seeded float32-valued embeddings z each
+    step, proxies updated by SGD (lr 2) on the official gradient. Stored per step, padded to
+    B (label −1): z, labels, the real count, the proxies before the update, the loss, its
+    gradients, and the queue after the push (rows of its entries concatenated, entry sizes,
+    entry proxies).
+    """
+    ref = np.load(FIXTURES / "memvir_partial.npz")
+    steps, b, d = ref["z"].shape
+    c = ref["proxies"].shape[1]
+    scale = float(ref["scale"])
+    fused = path != "generic"
+
+    def loss_fn(state, z, y, p, mask):
+        if fused:
+            return memvir_norm_softmax(state, z, y, p, scale=scale, sample_mask=mask)
+        all_x, all_y, all_p, smask, pmask = memvir_virtual(state, z, y, p, mask)
+        return norm_softmax(all_x, all_y, all_p, scale=scale, sample_mask=smask,
+                            proxy_mask=pmask)
+
+    @jax.jit
+    def step(state, z, y, p, mask):
+        loss, grads = jax.value_and_grad(loss_fn, argnums=(1, 3))(state, z, y, p, mask)
+        return loss, grads, memvir_push(state, l2_normalize(z), y, p, sample_mask=mask)
+
+    state = _init("norm_softmax" if path == "fused_cached" else None, scale,
+                  num_steps=int(ref["num_steps"]), step_gap=int(ref["step_gap"]),
+                  batch_size=b, num_classes=c, dim=d)
+    assert sorted(set(ref["count"].tolist())) == [3, 4]
+    for t in range(steps):
+        mask = np.asarray(ref["labels"][t]) >= 0
+        y = np.where(mask, ref["labels"][t], 0)  # the objective's safe label for padding
+        loss, (grad_z, grad_p), state = step(
+            state, jnp.asarray(ref["z"][t], jnp.float32), jnp.asarray(y, jnp.int32),
+            jnp.asarray(ref["proxies"][t], jnp.float32), jnp.asarray(mask))
+        np.testing.assert_allclose(float(loss), ref["loss"][t], rtol=1e-5, err_msg=f"step {t}")
+        _assert_close_to_largest(grad_z, ref["grad_z"][t], 1e-5, f"d/dz step {t}")
+        assert not np.any(np.asarray(grad_z)[~mask]), t
+        _assert_close_to_largest(grad_p, ref["grad_p"][t], 1e-5, f"d/dproxies step {t}")
+
+        rows, labels, sizes, proxies = _queue_contents(state)
+        size = int(state.size)
+        np.testing.assert_array_equal(sizes, ref["mem_sizes"][t][:size], err_msg=f"step {t}")
+        assert not ref["mem_sizes"][t][size:].any(), t
+        total = int(sizes.sum())
+        np.testing.assert_array_equal(labels, ref["mem_labels"][t][:total], err_msg=f"step {t}")
+        np.testing.assert_allclose(rows, ref["mem_rows"][t][:total], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(proxies, ref["mem_proxies"][t][:size], rtol=1e-6, atol=1e-7)
+
+
+def test_padded_call_equals_unpadded_memory_reads():
+    """A memory holding a padded step reads as one that never saw the padded rows: the
+    masked rows of memvir_virtual are exactly those of label −1."""
+    state = memvir_init(num_steps=1, step_gap=0, batch_size=4, num_classes=3, dim=2)
+    x, y, p = _inputs(0, 4, 3, 2)
+    mask = jnp.array([True, True, True, False])
+    state = memvir_push(state, x, y, p, sample_mask=mask)
+    assert np.asarray(state.labels)[0].tolist()[3] == -1
+    _, all_y, _, smask, pmask = memvir_virtual(state, x, y, p, mask)
+    assert np.asarray(smask).tolist() == [True, True, True, False, True, True, True, False]
+    assert np.asarray(all_y).min() >= 0 and np.asarray(pmask).all()

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from jax.test_util import check_grads
 
 from proxy_jax import losses
-from proxy_jax.regularizers import distinct_neighbours, proxy_synthesis
+from proxy_jax.regularizers import distinct_neighbours, masked_proxy_synthesis, proxy_synthesis
 
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "ps_official.npz"
 CASES = [
@@ -324,3 +324,101 @@ def test_reorder_then_synthesis_in_one_jitted_step():
 
     y_perm, loss = step(jax.random.key(0), x, y, p)
     assert _cyclic_distinct(np.asarray(y_perm)) and np.isfinite(float(loss))
+
+
+# ------------------------------------------------------- the padded last batch of an epoch
+
+
+def _padded_batch(real, batch, c=6, d=5, seed=0):
+    """``real`` rows (neighbouring labels distinct, cyclically) padded with junk to ``batch``."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, d)).astype(np.float32)
+    y = np.concatenate([np.arange(real) % c, rng.integers(0, c, batch - real)]).astype(np.int32)
+    if real % c == 1:  # row 0 and row real−1 would share class 0
+        y[real - 1] = (y[real - 2] + 1) % c if y[real - 2] != 1 else 2
+    p = rng.normal(size=(c, d)).astype(np.float32)
+    return x, y, p, np.arange(batch) < real
+
+
+@pytest.mark.parametrize("base", ["norm_softmax", "proxy_nca"])
+@pytest.mark.parametrize("mu", [1.0, 0.5])
+def test_masked_synthesis_of_a_padded_batch_equals_the_unpadded_batch(base, mu):
+    """b = 5 real rows of B = 8: ⌊5·μ⌋ synthetic classes, row 0 mixing with row 4 (the last
+    real row), the loss the mean over the real and synthetic rows: value and gradients equal
+    proxy_synthesis + loss on the [5, D] batch, as the official code runs torch's partial
+    batch; padded rows get no gradient."""
+    x, y, p, mask = _padded_batch(5, 8)
+    fn = BASE_LOSSES[base]
+
+    def plain(x_, p_):
+        e, yy, pp = proxy_synthesis(None, x_, jnp.asarray(y[:5]), p_, alpha=0.4, mu=mu, lam=0.3)
+        return fn(e, yy, pp, scale=10.0)
+
+    def padded(x_, p_):
+        e, yy, pp, smask, pmask = masked_proxy_synthesis(
+            None, x_, jnp.asarray(y), p_, jnp.asarray(mask), alpha=0.4, mu=mu, lam=0.3)
+        return fn(e, yy, pp, scale=10.0, sample_mask=smask, proxy_mask=pmask)
+
+    want, (gx, gp) = jax.value_and_grad(plain, argnums=(0, 1))(jnp.asarray(x[:5]), jnp.asarray(p))
+    got, (gxp, gpp) = jax.jit(jax.value_and_grad(padded, argnums=(0, 1)))(
+        jnp.asarray(x), jnp.asarray(p))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(gxp[:5], gx, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gpp, gp, rtol=1e-5, atol=1e-7)
+    assert not np.any(np.asarray(gxp[5:]))
+
+
+def test_masked_synthesis_counts_and_masks():
+    """Static shapes [B+⌊B·μ⌋]; the first ⌊b·μ⌋ synthetic slots valid; padded rows masked and
+    their labels made 0; a zero padded row keeps the gradients finite."""
+    x, y, p, mask = _padded_batch(5, 8)
+    x[6] = 0.0
+    y[5:] = -1
+    e, yy, pp, smask, pmask = masked_proxy_synthesis(
+        None, x, y, p, mask, alpha=0.4, mu=0.5, lam=0.7)
+    assert e.shape == (12, 5) and yy.shape == (12,) and pp.shape == (10, 5)
+    assert np.asarray(smask).tolist() == [True] * 5 + [False] * 3 + [True, True, False, False]
+    assert np.asarray(pmask).tolist() == [True] * 6 + [True, True, False, False]
+    assert np.asarray(yy).tolist() == y[:5].tolist() + [0, 0, 0, 6, 7, 8, 9]
+    grads = jax.grad(lambda x_: losses.norm_softmax(
+        *masked_proxy_synthesis(None, x_, y, p, mask, alpha=0.4, mu=0.5, lam=0.7)[:3],
+        scale=10.0, sample_mask=smask, proxy_mask=pmask))(jnp.asarray(x))
+    assert np.all(np.isfinite(grads))
+
+
+def test_masked_synthesis_of_a_full_batch_equals_proxy_synthesis():
+    x, y, p, mask = _padded_batch(8, 8)
+    e, yy, pp = proxy_synthesis(None, x, y, p, alpha=0.4, mu=1.0, lam=0.6)
+    e2, yy2, pp2, smask, pmask = masked_proxy_synthesis(None, x, y, p, mask, alpha=0.4, mu=1.0,
+                                                        lam=0.6)
+    np.testing.assert_allclose(e2, e, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(pp2, pp, rtol=1e-6, atol=1e-7)
+    assert np.array_equal(yy2, yy) and np.all(smask) and np.all(pmask)
+
+
+def test_distinct_neighbours_with_all_rows_real_is_the_unmasked_order():
+    labels = jnp.asarray(np.random.default_rng(3).integers(0, 4, 12), jnp.int32)
+    for seed in range(4):
+        key = jax.random.PRNGKey(seed)
+        assert np.array_equal(distinct_neighbours(labels, key),
+                              distinct_neighbours(labels, key, jnp.ones(12, bool)))
+
+
+@pytest.mark.parametrize("real", [3, 5, 8, 11])
+def test_distinct_neighbours_of_a_padded_batch_orders_the_real_rows_first(real):
+    """The official loop reorders torch's partial batch: here its b real rows come first, in
+    an order whose cyclic neighbours (over the b rows) differ; the padded rows follow."""
+    rng = np.random.default_rng(real)
+    batch = 12
+    labels = rng.integers(0, 3, batch).astype(np.int32)
+    labels[:real] = np.arange(real) % 3
+    if real % 3 == 1:
+        labels[real - 1] = 1
+    mask = np.arange(batch) < real
+    order = jax.jit(distinct_neighbours)(jnp.asarray(labels), jax.random.PRNGKey(0),
+                                         jnp.asarray(mask))
+    order = np.asarray(order)
+    assert sorted(order[:real].tolist()) == list(range(real))
+    assert sorted(order[real:].tolist()) == list(range(real, batch))
+    y = labels[order[:real]]
+    assert np.all(y != np.roll(y, 1)), y
