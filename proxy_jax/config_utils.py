@@ -18,8 +18,9 @@ quote the seeds' own 1-based flags):
 * ``method``: a name of ``proxy_jax.methods.METHODS`` ('proxy': a loss with its
   regularizer chain; 'dada': DADA's game, with its ``dada`` section).
 * ``seed``: initialisation, data order and the per-step PRNG key.
-* ``num_epochs``; ``steps_per_epoch`` (``-1``: ⌊train images / batch⌋, drop-last as in
-  every seed); ``num_train_steps`` (``-1``: ``num_epochs · steps_per_epoch``; a smaller
+* ``num_epochs``; ``steps_per_epoch`` (``-1``: ⌊train images / batch⌋ with
+  ``data.drop_last``, ⌈train images / batch⌉ without, as the seed's loader);
+  ``num_train_steps`` (``-1``: ``num_epochs · steps_per_epoch``; a smaller
   number stops early, e.g. for tests). Schedules are functions of the epoch, so a run
   stopped early and resumed follows exactly the same learning rates.
 * ``num_devices``: devices of the data-parallel mesh (``-1``: all local devices).
@@ -42,7 +43,10 @@ quote the seeds' own 1-based flags):
   ``proxy_jax.data.samplers.SAMPLERS``: 'class_balanced', distinct uniform classes of
   ``n_instance`` images, plain shuffling when ``n_instance`` is 1; 'shuffle';
   'classes_with_replacement', DADA's official sampler; 'classes_by_image_count',
-  Embedding Expansion's), ``num_workers``, ``eval_batch_size``.
+  Embedding Expansion's), ``num_workers``, ``eval_batch_size``, ``drop_last`` (True: an
+  epoch is the full batches; False: also the partial last one, padded to ``batch_size``
+  with masked rows, as torch's DataLoader without ``drop_last`` in the Proxy Synthesis,
+  MemVir and SoftTriple code; needs method 'proxy' and frozen BatchNorm).
 * ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim``, ``pooling``
   ('gap', 'gmp', 'gap+gmp'), ``l2_normalize``, ``freeze_bn``, ``bn_momentum`` and
   ``bn_running_var`` (when BatchNorm trains: torch's momentum, the weight of the new batch

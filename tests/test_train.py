@@ -148,3 +148,68 @@ def test_best_evaluation_of_a_record_written_before_it_was_kept_whole():
     assert train._best_of({"best_recall@1": -1.0}) == {}  # no evaluation yet
     best = {"step": 40, "epoch": 4, "recall@1": 0.5}
     assert train._best_of({"best_evaluation": best, "best_recall@1": 0.1}) == best
+
+
+# --------------------------------------------------- the partial last batch of an epoch
+
+PARTIAL_CONFIGS = ("cars196_norm_softmax", "cars196_proxy_nca", "cars196_ps_norm_softmax",
+                   "cars196_ps_proxy_nca", "cars196_memvir_norm_softmax",
+                   "cars196_memvir_proxy_nca", "cars196_soft_triple")
+
+
+def test_configs_of_loaders_without_drop_last_keep_the_partial_batch():
+    """The Proxy Synthesis, MemVir and SoftTriple loaders are torch DataLoaders with
+    shuffle=True and no drop_last (proxy-synthesis and MemVir utils/custom_loader.py:91-95,
+    SoftTriple train.py:106-108); the other recipes drop it."""
+    import importlib
+    import pathlib
+
+    for path in sorted(pathlib.Path("configs").glob("*.py")):
+        if path.stem in ("__init__", "dada_base"):
+            continue
+        config = importlib.import_module(f"configs.{path.stem}").get_config()
+        assert config.data.drop_last == (path.stem not in PARTIAL_CONFIGS), path.stem
+
+
+def test_steps_per_epoch_and_last_batch_of_cars196_sizes():
+    """8,054 Cars196 training images, batch 128: 63 steps, the last of 118 real images
+    (torch: len(DataLoader) = ceil(8054 / 128)); with drop_last 62 full steps."""
+    from proxy_jax.data import samplers
+
+    sampler = samplers.ShuffleSampler(8054)
+    assert sampler.num_batches(batch_size=128, drop_remainder=False) == 63
+    assert sampler.num_batches(batch_size=128, drop_remainder=True) == 62
+    batches = sampler.epoch_batches(0, batch_size=128, seed=0, drop_remainder=False)
+    assert batches.shape == (63, 128)
+    real = batches != samplers.PAD_INDEX
+    assert real[:62].all() and real[62].sum() == 118 and real[62, :118].all()
+    assert sorted(batches[real].tolist()) == list(range(8054))  # every image once
+
+
+def test_an_epoch_with_a_partial_last_batch_trains_end_to_end(tiny_root, tmp_path,
+                                                              tiny_config):
+    """24 tiny training images, batch 16 on 8 devices (2 rows each): ceil(24/16) = 2 steps
+    per epoch, the second of 8 real images padded to 16, with PS then MemVir; the padded
+    step enters the memory with its 8 padded rows invalid, and the schedule counts 2
+    steps per epoch."""
+    config = tiny_config(tiny_root, base="cars196_memvir_norm_softmax", num_epochs=2,
+                         **{"data.batch_size": 16, "regularizer.name": "ps+memvir",
+                            "regularizer.memvir_num_steps": 2,
+                            "regularizer.memvir_step_gap": 0,
+                            "regularizer.memvir_warm_epochs": 0,
+                            "eval.every_epochs": 100})
+    assert not config.data.drop_last
+    run = train.build(config)
+    assert (run.steps_per_epoch, run.total_steps) == (2, 4)
+    invalid = []
+
+    def record(step, state):
+        invalid.append(int(np.sum(np.asarray(jax.device_get(state.extra["memvir"].labels)) < 0)))
+
+    result = train.train_and_evaluate(config, str(tmp_path / "run"), hooks=[record])
+    assert result["step"] == 4
+    # Slots hold steps (1, 2), (2, 3): the padded steps 2 and 4 (1-based) bring 8 invalid rows.
+    assert invalid == [0, 8, 8, 8]
+    state, record_ = _latest_state(str(tmp_path / "run"), config)
+    assert int(state.step) == 4 and record_["loader"]["step"] == 4
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
