@@ -110,6 +110,11 @@ def _bad(config, **changes):
     ({"model.bn_running_var": "sample"}, "config.model.bn_running_var must be one of"),
     ({"data.train_augment": "ee"}, r"config.data.train_augment must be one of \['random_resized_crop'"),
     ({"data.eval_resize_mode": "crop"}, "config.data.eval_resize_mode must be one of"),
+    ({"data.drop_last": False, "model.freeze_bn": False}, "needs config.model.freeze_bn=True"),
+    ({"data.drop_last": False, "model.freeze_bn": True, "method": "dada"},
+     "only supported by method 'proxy'"),
+    ({"data.drop_last": False, "model.freeze_bn": True, "loss.name": "hphn_triplet"},
+     "cannot take the padded last batch"),
 ])
 def test_validate_names_the_bad_field(changes, message):
     config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))

@@ -191,16 +191,22 @@ def test_an_epoch_with_a_partial_last_batch_trains_end_to_end(tiny_root, tmp_pat
     """24 tiny training images, batch 16 on 8 devices (2 rows each): ceil(24/16) = 2 steps
     per epoch, the second of 8 real images padded to 16, with PS then MemVir; the padded
     step enters the memory with its 8 padded rows invalid, and the schedule counts 2
-    steps per epoch."""
+    steps per epoch (one Adam update per step, the learning-rate epochs of 2 steps)."""
     config = tiny_config(tiny_root, base="cars196_memvir_norm_softmax", num_epochs=2,
                          **{"data.batch_size": 16, "regularizer.name": "ps+memvir",
                             "regularizer.memvir_num_steps": 2,
                             "regularizer.memvir_step_gap": 0,
                             "regularizer.memvir_warm_epochs": 0,
+                            "optimizer.decay_step": 2, "optimizer.decay_stop": 10,
                             "eval.every_epochs": 100})
     assert not config.data.drop_last
     run = train.build(config)
     assert (run.steps_per_epoch, run.total_steps) == (2, 4)
+    # The step decay is per epoch (official adjust_learning_rate at each epoch's start:
+    # x0.1 when the 1-based epoch is a multiple of decay_step), so its boundary is at step 2.
+    rates = [run.plan.learning_rates(s)["lr/proxies"] for s in range(4)]
+    assert rates[0] == rates[1] and rates[2] == rates[3]
+    np.testing.assert_allclose(rates[2], 0.1 * rates[0], rtol=1e-6)
     invalid = []
 
     def record(step, state):

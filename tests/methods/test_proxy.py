@@ -114,3 +114,67 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(tiny_root, tiny_config):
     config32 = tiny_config(tiny_root, **{"optimizer.eps": 0.01})
     losses32, _ = _one_run(config32, _initial(config32), 2, 1)
     np.testing.assert_allclose(losses[0], losses32[0], rtol=0.05)
+
+
+# ------------------------------------------------ the padded last batch (data.drop_last=False)
+
+def _padded_batch(rng, real):
+    """A global batch of 8 whose first ``real`` rows are images and the rest padding, as the
+    loader pads the last batch of an epoch: zero pixels, label -1, mask False."""
+    image = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
+    image[real:] = 0.0
+    label = np.array([0, 1, 2, 3, 0, 1, 2, 3], np.int32)[rng.permutation(8)]
+    label[real:] = -1
+    return {"image": image, "label": label, "mask": np.arange(8) < real}
+
+
+def test_padded_step_equals_the_step_on_the_partial_batch(tiny_root, tiny_config):
+    """Norm-SoftMax, frozen BatchNorm: one step on 5 real images padded to 8 (mask) gives
+    the loss and the updated parameters of the step on the 5 images alone."""
+    changes = {"optimizer.eps": 0.01, "model.freeze_bn": True}
+    padded_config = tiny_config(tiny_root, **{**changes, "data.drop_last": False})
+    plain_config = tiny_config(tiny_root, **changes)
+    plan = _initial(padded_config)
+    mesh = parallel.make_mesh(1)
+    batch = _padded_batch(np.random.default_rng(1), 5)
+    step = parallel.parallelize(plan.step_fn, mesh)
+    state, metrics = step(parallel.replicate(plan.state, mesh), parallel.shard_batch(batch, mesh))
+    plain_plan = _initial(plain_config)
+    plain_step = parallel.parallelize(plain_plan.step_fn, mesh)
+    real = {"image": batch["image"][:5], "label": batch["label"][:5]}
+    plain_state, plain_metrics = plain_step(parallel.replicate(plain_plan.state, mesh),
+                                            parallel.shard_batch(real, mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), float(plain_metrics["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(plain_metrics["grad_norm"]),
+                               rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
+                    jax.tree.leaves(jax.device_get(plain_state.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_ps_memvir_steps_are_independent_of_the_device_count(tiny_root, tiny_config):
+    """PS then MemVir over full and padded batches (the padded global batch divides across
+    devices): 1 and 8 devices give the same losses, parameters and memory."""
+    config = tiny_config(tiny_root, **{
+        "optimizer.eps": 0.01, "model.freeze_bn": True, "data.drop_last": False,
+        "regularizer.name": "ps+memvir", "regularizer.memvir_num_steps": 2,
+        "regularizer.memvir_step_gap": 0})
+    initial = _initial(config)
+    runs = []
+    for n in (1, 8):
+        mesh = parallel.make_mesh(n)
+        state = parallel.replicate(initial.state, mesh)
+        step = parallel.parallelize(initial.step_fn, mesh)
+        rng = np.random.default_rng(0)
+        losses = []
+        for real in (8, 5, 8):
+            state, metrics = step(state, parallel.shard_batch(_padded_batch(rng, real), mesh))
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, jax.device_get(state)))
+    (reference_losses, reference), (losses, state) = runs
+    assert np.all(np.isfinite(reference_losses))
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves((state.params, state.extra)),
+                    jax.tree.leaves((reference.params, reference.extra))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert int(np.sum(np.asarray(state.extra["memvir"].labels) < 0)) == 3
