@@ -61,7 +61,9 @@ quote the seeds' own 1-based flags):
   N(0, 2/fan)) and ``proxy_init_fan`` ('dim' or 'classes': which proxy dimension PyTorch
   took as the fan for the official parameter layout).
 * ``regularizer``: ``name``, a chain of ``proxy_jax.objective.REGULARIZERS`` joined by
-  '+' ('' none, 'ps', 'memvir', 'ee', 'ps+memvir'), ``ps_alpha``, ``ps_mu``,
+  '+' ('' none, 'ps', 'memvir', 'ee', 'ps+memvir'), ``ps_alpha``, ``ps_mu``, ``ps_reorder``
+  (the batch order before synthesis: 'neighbour_swaps', the official loop's, or
+  'distinct_neighbours', random),
   ``memvir_num_steps`` (N), ``memvir_step_gap`` (M), ``memvir_warm_epochs`` (memory used
   from this 0-based epoch on, i.e. after the official ``--warm_epoch`` epochs),
   ``ee_num_inner``, ``ee_l2_norm``.

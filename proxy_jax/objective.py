@@ -197,6 +197,10 @@ class Regularizer(NamedTuple):
 
 def _build_ps(reg, ctx: Context) -> Stage:
     alpha, mu = float(reg.ps_alpha), float(reg.ps_mu)
+    if reg.ps_reorder not in regularizers.PS_REORDERS:
+        raise ValueError(f"config.regularizer.ps_reorder must be one of "
+                         f"{sorted(regularizers.PS_REORDERS)}, got {reg.ps_reorder!r}")
+    reorder = regularizers.PS_REORDERS[reg.ps_reorder]
     if mu > 0 and math.floor(ctx.global_batch_size * mu) == 0:
         raise ValueError(f"config.regularizer.ps_mu={mu} with a global batch of "
                          f"{ctx.global_batch_size} synthesizes no sample; use ps_mu=0 or more")
@@ -206,7 +210,7 @@ def _build_ps(reg, ctx: Context) -> Stage:
         key_order, key_lambda = jax.random.split(key)
         # The official loop reorders each batch so that y[i] != y[i+1]: synthetic class
         # i mixes rows i and i-1, and must not be a mix of one class with itself.
-        order = regularizers.distinct_neighbours(flow.labels, key_order)
+        order = reorder(flow.labels, key_order)
         e, y, p = regularizers.proxy_synthesis(key_lambda, flow.embeddings[order],
                                                flow.labels[order], flow.proxies,
                                                alpha=alpha, mu=mu)
@@ -285,7 +289,7 @@ def _build_ee(reg, ctx: Context) -> Stage:
 
 
 REGULARIZERS = {
-    "ps": Regularizer({"ps_alpha": 0.4, "ps_mu": 1.0},
+    "ps": Regularizer({"ps_alpha": 0.4, "ps_mu": 1.0, "ps_reorder": "neighbour_swaps"},
                       needs=frozenset({"proxies", "one_proxy_per_class"}),
                       accepts=frozenset(), produces=frozenset({"synthetic"}), build=_build_ps),
     "memvir": Regularizer({"memvir_num_steps": 45, "memvir_step_gap": 10,
