@@ -74,7 +74,8 @@ quote the seeds' own 1-based flags):
   ``decay_epochs``; ``warmup_epochs`` (the backbone receives no update, and its optimizer
   state does not advance, for that many epochs); ``grad_clip_value`` (element-wise, as
   ``torch.nn.utils.clip_grad_value_``; 0 = off), ``grad_clip_norm`` (global norm; 0 = off).
-* ``eval``: ``every_epochs``, ``ks`` (Recall@K), ``nmi`` (also compute NMI/F1),
+* ``eval``: ``every_epochs``, ``ks`` (Recall@K), ``nmi`` (also compute NMI/F1), ``ap_at``
+  (K > 0: also the average precision within the top K, DADA's In-shop "MAP"),
   ``num_queries`` and ``top_k`` of the retrieval picture, ``map_points`` (points in the
   2-D embedding map).
 """
@@ -182,6 +183,7 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.eval.every_epochs = 1
     c.eval.ks = (1, 2, 4, 8)
     c.eval.nmi = False
+    c.eval.ap_at = 0
     c.eval.num_queries = 8
     c.eval.top_k = 5
     c.eval.map_points = 2000
@@ -260,6 +262,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{c.data.crop_scale_min}")
     if not c.optimizer.eps > 0:
         raise ValueError(f"config.optimizer.eps must be > 0, got {c.optimizer.eps}")
+    if c.eval.ap_at < 0:
+        raise ValueError(f"config.eval.ap_at must be >= 0 (0: off), got {c.eval.ap_at}")
     if not c.eval.ks or min(c.eval.ks) < 1:
         raise ValueError(f"config.eval.ks must be positive integers, got {c.eval.ks!r}")
     if c.data.eval_resize_mode == "short_side_center_crop" and c.data.input_size > c.data.resize:
