@@ -19,6 +19,9 @@ Defaults of its main.py that the command keeps, and what they mean here:
   all parameters (base_lr_mult 1.0), ×0.5 once the step count passes 400, 800, 1200, 1600
   epochs (MultiFactorScheduler).
 * The trainer back-propagates the sum of the per-anchor losses (reduction 'sum').
+* Tied hardest examples (a point present twice) each get the full gradient, as MXNet's
+  min/max backward gives it (loss/hphn_triplet.py:74-83): tie_gradient 'each'
+  ('split', which divides it among them, is the jnp.min/jnp.max rule).
 * MXNet Gluon runs BatchNorm in training mode under autograd.record: freeze_bn=False.
 * Embedding layer Xavier(magnitude=2), bias 0; GAP; l2-normalized output.
 
@@ -62,6 +65,7 @@ def get_config():
     config.loss.margin = 1e-5
     config.loss.soft_margin = False
     config.loss.reduction = "sum"
+    config.loss.tie_gradient = "each"  # MXNet's min/max backward; "split" divides it
 
     config.regularizer.name = ""
 
