@@ -24,11 +24,14 @@ Defaults of its main.py that the command keeps, and what they mean here:
   ('split', which divides it among them, is the jnp.min/jnp.max rule).
 * MXNet Gluon runs BatchNorm in training mode under autograd.record: freeze_bn=False.
 * Embedding layer Xavier(magnitude=2), bias 0; GAP; l2-normalized output.
+* Backbone: gluoncv's GoogLeNet (model/basenet.py: model_zoo.get_model('googlenet',
+  pretrained=True), blocks conv1 … inception5b) = ``googlenet_gluon``, its weights imported
+  from gluoncv's googlenet-c7c89366.params by ``python -m proxy_jax.convert``.
 
 Differences that remain: the official train augmentation is Random2DTranslation (resize to
 1.125× and a random 227 crop, or a plain resize, p=0.5) + flip and the test transform a
 square resize to 227; proxy_jax's transforms are RandomResizedCrop(227) + flip and
-Resize(227) + CenterCrop(227). The official GoogLeNet is gluoncv's, proxy_jax's torchvision's.
+Resize(227) + CenterCrop(227).
 
 Published: no HPHN-only number in the README text (its figure plots the curve).
 """
@@ -53,13 +56,15 @@ def get_config():
     config.data.num_workers = 10
     config.data.eval_batch_size = 128
 
-    config.model.backbone = "googlenet"
+    config.model.backbone = "googlenet_gluon"  # gluoncv's model_zoo googlenet (basenet.py)
     config.model.embedding_dim = 512
     config.model.pooling = "gap"
     config.model.l2_normalize = True
     config.model.freeze_bn = False
     config.model.embedding_init = "xavier_mxnet"
-    config.model.pretrained = "googlenet.npz"  # python -m proxy_jax.convert --arch googlenet
+    # python -m proxy_jax.convert --arch googlenet_gluon --src googlenet-c7c89366.params \
+    #     --dst googlenet_gluon.npz   (gluoncv's ImageNet weights, top-1 about 72.9%)
+    config.model.pretrained = "googlenet_gluon.npz"
 
     config.loss.name = "hphn_triplet"
     config.loss.margin = 1e-5
