@@ -55,7 +55,8 @@ quote the seeds' own 1-based flags):
   ``--bn-freeze`` does when it has no warm-up epochs).
 * ``loss``: ``name`` (see ``proxy_jax.objective.LOSSES``), ``scale`` (Norm-SoftMax,
   Proxy-NCA), ``alpha`` and ``margin`` (Proxy-Anchor α, δ; ``margin`` is also the HPHN
-  margin), ``soft_margin`` and ``reduction`` (HPHN), ``centers_per_class``, ``la``,
+  margin), ``soft_margin``, ``reduction`` and ``tie_gradient`` (HPHN: 'each' or 'split', the
+  gradient of tied hardest examples), ``centers_per_class``, ``la``,
   ``gamma``, ``tau``, ``delta`` (SoftTriple K, λ, γ, τ, δ), ``proxy_init`` ('kaiming_uniform':
   U(±1/√fan), PyTorch's default ``kaiming_uniform_(a=√5)``; 'kaiming_normal':
   N(0, 2/fan)) and ``proxy_init_fan`` ('dim' or 'classes': which proxy dimension PyTorch
@@ -90,7 +91,7 @@ from typing import Optional
 
 import ml_collections
 
-from proxy_jax import methods, models, objective, optim
+from proxy_jax import losses, methods, models, objective, optim
 from proxy_jax.data import samplers, transforms
 from proxy_jax.data.splits import DATASETS
 
@@ -238,6 +239,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("loss.proxy_init", c.loss.proxy_init, _PROXY_INITS)
     _one_of("loss.proxy_init_fan", c.loss.proxy_init_fan, _PROXY_FANS)
     _one_of("loss.reduction", c.loss.reduction, _REDUCTIONS)
+    if c.loss.name == "hphn_triplet":
+        _one_of("loss.tie_gradient", c.loss.tie_gradient, losses.TIE_GRADIENTS)
     models.get_backbone(c.model.backbone)
     if c.data.dataset not in ("embedded", "tfds") and not c.data.root:
         raise ValueError(f"config.data.root must name the {c.data.dataset} folder, got ''")

@@ -94,9 +94,10 @@ LOSSES = {
                        tau=c.tau, margin=c.delta),
         True, _MASKS, centers_per_class=lambda c: c.centers_per_class),
     "hphn_triplet": Loss(losses.hphn_triplet,
-                         {"margin": 0.1, "soft_margin": False, "reduction": "mean"},
+                         {"margin": 0.1, "soft_margin": False, "reduction": "mean",
+                          "tie_gradient": "each"},
                          lambda c: dict(margin=c.margin, soft_margin=c.soft_margin,
-                                        reduction=c.reduction),
+                                        reduction=c.reduction, tie_gradient=c.tie_gradient),
                          False, frozenset({"expanded"})),
 }
 

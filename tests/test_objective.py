@@ -203,6 +203,23 @@ def test_ee_objective_matches_expansion_plus_hphn():
         objective.check_batch(np.array([0, 0, 1, 1, 2, 3, 4, 4]))
 
 
+@pytest.mark.parametrize("tie_gradient", ["each", "split"])
+def test_ee_objective_takes_the_tie_rule_from_the_config(tie_gradient):
+    config = _config("hphn_triplet", "ee", ee_num_inner=2)
+    config.loss.margin = 0.2
+    config.loss.tie_gradient = tie_gradient
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    emb = losses.l2_normalize(_inputs()[0])
+    labels = jnp.array([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32)
+    grad = jax.jit(jax.grad(lambda e: objective.loss_fn(e, labels, None, key=None, extra={},
+                                                         epoch=0)[0]))(emb)
+
+    def reference(emb):
+        e, y = regularizers.embedding_expansion(emb, labels, num_inner=2)
+        return losses.hphn_triplet(e, y, margin=0.2, num_original=B, tie_gradient=tie_gradient)
+    np.testing.assert_allclose(grad, jax.jit(jax.grad(reference))(emb), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss, regularizer, message", [
     ("arcface", "", "config.loss.name must be one of"),
     ("norm_softmax", "dropout", "'dropout' is not a regularizer; known"),
