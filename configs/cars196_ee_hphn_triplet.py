@@ -11,8 +11,10 @@ Seed command (clovaai/embedding-expansion README, "EE + HPHN-triplet (n_inner_po
 
 Batches hold same-class pairs at (2i, 2i+1) (32 instances per class); each pair adds two
 l2-normalized inner points. Transforms as cars196_hphn_triplet (the official
-Random2DTranslation + flip, test squash resize to 227, OpenCV bilinear). Published (README):
-best Recall@1 74.5 (71.6 in the paper).
+Random2DTranslation + flip, test squash resize to 227, OpenCV bilinear). Every inner point
+occurs twice (k and n+1−k of the pair's two rows), so a synthetic hardest negative is always
+tied; as in MXNet each copy gets the full gradient (loss.tie_gradient 'each').
+Published (README): best Recall@1 74.5 (71.6 in the paper).
 """
 
 from configs import cars196_hphn_triplet
@@ -24,4 +26,5 @@ def get_config():
     config.regularizer.name = "ee"
     config.regularizer.ee_num_inner = 2
     config.regularizer.ee_l2_norm = True
+    config.loss.tie_gradient = "each"  # the official rule for the twin synthetic points
     return config

@@ -23,10 +23,16 @@ Defaults of its main.py that the command keeps, and what they mean here:
   all parameters (base_lr_mult 1.0), ×0.5 once the step count passes 400, 800, 1200, 1600
   epochs (MultiFactorScheduler).
 * The trainer back-propagates the sum of the per-anchor losses (reduction 'sum').
+* Tied hardest examples (a point present twice) each get the full gradient, as MXNet's
+  min/max backward gives it (loss/hphn_triplet.py:74-83): tie_gradient 'each'
+  ('split', which divides it among them, is the jnp.min/jnp.max rule).
 * MXNet Gluon runs BatchNorm in training mode under autograd.record: freeze_bn=False.
   gluoncv's GoogLeNet keeps Gluon's BatchNorm momentum 0.9 (torch's 0.1) and MXNet updates
   the moving variance with the biased batch variance: bn_running_var 'biased'.
 * Embedding layer Xavier(magnitude=2), bias 0; GAP; l2-normalized output.
+* Backbone: gluoncv's GoogLeNet (model/basenet.py: model_zoo.get_model('googlenet',
+  pretrained=True), blocks conv1 … inception5b) = ``googlenet_gluon``, its weights imported
+  from gluoncv's googlenet-c7c89366.params by ``python -m proxy_jax.convert``.
 
 * Augmentation (``transforms/transforms.py``): train ``Random2DTranslation(227, 227)`` (p=0.5
   a squash resize to 227×227, otherwise a squash resize to round(227·1.125)=255 and a random
@@ -35,9 +41,9 @@ Defaults of its main.py that the command keeps, and what they mean here:
   ``data.eval_resize_mode='squash'`` (``'random_resized_crop'`` and
   ``'short_side_center_crop'`` give the torchvision seeds' transforms instead).
 
-Differences that remain: the official GoogLeNet is gluoncv's, proxy_jax's torchvision's.
-Images are decoded by PIL, not by MXNet's OpenCV ``imread``, and MXNet's flip leaves the
-middle column of the (odd, 227-wide) image unwritten (apache/mxnet#18911); ours mirrors it.
+Differences that remain: images are decoded by PIL, not by MXNet's OpenCV ``imread``, and
+MXNet's flip leaves the middle column of the (odd, 227-wide) image unwritten
+(apache/mxnet#18911); ours mirrors it.
 
 Published: no HPHN-only number in the README text (its figure plots the curve).
 """
@@ -65,19 +71,22 @@ def get_config():
     config.data.num_workers = 10
     config.data.eval_batch_size = 128
 
-    config.model.backbone = "googlenet"
+    config.model.backbone = "googlenet_gluon"  # gluoncv's model_zoo googlenet (basenet.py)
     config.model.embedding_dim = 512
     config.model.pooling = "gap"
     config.model.l2_normalize = True
     config.model.freeze_bn = False
     config.model.bn_running_var = "biased"  # MXNet's BatchNorm (see the docstring)
     config.model.embedding_init = "xavier_mxnet"
-    config.model.pretrained = "googlenet.npz"  # python -m proxy_jax.convert --arch googlenet
+    # python -m proxy_jax.convert --arch googlenet_gluon --src googlenet-c7c89366.params \
+    #     --dst googlenet_gluon.npz   (gluoncv's ImageNet weights, top-1 about 72.9%)
+    config.model.pretrained = "googlenet_gluon.npz"
 
     config.loss.name = "hphn_triplet"
     config.loss.margin = 1e-5
     config.loss.soft_margin = False
     config.loss.reduction = "sum"
+    config.loss.tie_gradient = "each"  # MXNet's min/max backward; "split" divides it
 
     config.regularizer.name = ""
 

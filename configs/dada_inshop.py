@@ -12,7 +12,8 @@ fd_fc1_dim 512, loss_oproxy_neg_alpha 200, loss_oproxy_pos_alpha 40, lr 1.2e-4,
 lr_reduce_rate 0.25, lr_reduce_step 40, oproxy_ratio 0.0075, mix_alpha 3, mix_beta 3,
 warmup 5; architecture ``resnet50_layernorm_double`` (BatchNorm *trained*); queries
 against the gallery, Recall@{1,10,20,30,40,50} (``evaluation/__init__.py``:
-``QUERY_GALLERY_RECALL_KS``).
+``QUERY_GALLERY_RECALL_KS``) and its 'MAP', the average precision within those top 50
+(``eval.ap_at = 50``, metric 'ap@50').
 
 Published: the official README publishes no number (the paper's tables are not restated).
 """
@@ -53,5 +54,6 @@ def get_config():
     d.oproxy_ratio = 0.0075
 
     config.eval.ks = (1, 10, 20, 30, 40, 50)
+    config.eval.ap_at = 50  # its 'MAP': AP within the top max(ks) (metrics/query_gallery_metrics.py)
     config.eval.nmi = False
     return config

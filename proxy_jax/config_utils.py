@@ -59,13 +59,16 @@ quote the seeds' own 1-based flags):
   ``--bn-freeze`` does when it has no warm-up epochs).
 * ``loss``: ``name`` (see ``proxy_jax.objective.LOSSES``), ``scale`` (Norm-SoftMax,
   Proxy-NCA), ``alpha`` and ``margin`` (Proxy-Anchor α, δ; ``margin`` is also the HPHN
-  margin), ``soft_margin`` and ``reduction`` (HPHN), ``centers_per_class``, ``la``,
+  margin), ``soft_margin``, ``reduction`` and ``tie_gradient`` (HPHN: 'each' or 'split', the
+  gradient of tied hardest examples), ``centers_per_class``, ``la``,
   ``gamma``, ``tau``, ``delta`` (SoftTriple K, λ, γ, τ, δ), ``proxy_init`` ('kaiming_uniform':
   U(±1/√fan), PyTorch's default ``kaiming_uniform_(a=√5)``; 'kaiming_normal':
   N(0, 2/fan)) and ``proxy_init_fan`` ('dim' or 'classes': which proxy dimension PyTorch
   took as the fan for the official parameter layout).
 * ``regularizer``: ``name``, a chain of ``proxy_jax.objective.REGULARIZERS`` joined by
-  '+' ('' none, 'ps', 'memvir', 'ee', 'ps+memvir'), ``ps_alpha``, ``ps_mu``,
+  '+' ('' none, 'ps', 'memvir', 'ee', 'ps+memvir'), ``ps_alpha``, ``ps_mu``, ``ps_reorder``
+  (the batch order before synthesis: 'neighbour_swaps', the official loop's, or
+  'distinct_neighbours', random),
   ``memvir_num_steps`` (N), ``memvir_step_gap`` (M), ``memvir_warm_epochs`` (memory used
   from this 0-based epoch on, i.e. after the official ``--warm_epoch`` epochs),
   ``ee_num_inner``, ``ee_l2_norm``.
@@ -76,7 +79,8 @@ quote the seeds' own 1-based flags):
   ``decay_epochs``; ``warmup_epochs`` (the backbone receives no update, and its optimizer
   state does not advance, for that many epochs); ``grad_clip_value`` (element-wise, as
   ``torch.nn.utils.clip_grad_value_``; 0 = off), ``grad_clip_norm`` (global norm; 0 = off).
-* ``eval``: ``every_epochs``, ``ks`` (Recall@K), ``nmi`` (also compute NMI/F1),
+* ``eval``: ``every_epochs``, ``ks`` (Recall@K), ``nmi`` (also compute NMI/F1), ``ap_at``
+  (K > 0: also the average precision within the top K, DADA's In-shop "MAP"),
   ``num_queries`` and ``top_k`` of the retrieval picture, ``map_points`` (points in the
   2-D embedding map).
 """
@@ -91,7 +95,7 @@ from typing import Optional
 
 import ml_collections
 
-from proxy_jax import methods, models, objective, optim
+from proxy_jax import losses, methods, models, objective, optim
 from proxy_jax.data import samplers, transforms
 from proxy_jax.data.splits import DATASETS
 
@@ -187,6 +191,7 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.eval.every_epochs = 1
     c.eval.ks = (1, 2, 4, 8)
     c.eval.nmi = False
+    c.eval.ap_at = 0
     c.eval.num_queries = 8
     c.eval.top_k = 5
     c.eval.map_points = 2000
@@ -241,6 +246,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("loss.proxy_init", c.loss.proxy_init, _PROXY_INITS)
     _one_of("loss.proxy_init_fan", c.loss.proxy_init_fan, _PROXY_FANS)
     _one_of("loss.reduction", c.loss.reduction, _REDUCTIONS)
+    if c.loss.name == "hphn_triplet":
+        _one_of("loss.tie_gradient", c.loss.tie_gradient, losses.TIE_GRADIENTS)
     models.get_backbone(c.model.backbone)
     if c.data.dataset not in ("embedded", "tfds") and not c.data.root:
         raise ValueError(f"config.data.root must name the {c.data.dataset} folder, got ''")
@@ -272,6 +279,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{c.data.crop_scale_min}")
     if not c.optimizer.eps > 0:
         raise ValueError(f"config.optimizer.eps must be > 0, got {c.optimizer.eps}")
+    if c.eval.ap_at < 0:
+        raise ValueError(f"config.eval.ap_at must be >= 0 (0: off), got {c.eval.ap_at}")
     if not c.eval.ks or min(c.eval.ks) < 1:
         raise ValueError(f"config.eval.ks must be positive integers, got {c.eval.ks!r}")
     if c.data.eval_resize_mode == "short_side_center_crop" and c.data.input_size > c.data.resize:

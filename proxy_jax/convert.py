@@ -1,13 +1,20 @@
 r"""Converts a PyTorch ImageNet state_dict into a proxy_jax backbone weight file.
 
-Run once, on a machine with torch (the only place proxy_jax imports it):
+Run once, on a machine with torch (the only place proxy_jax imports it; a gluoncv
+``.params`` file needs neither torch nor MXNet):
 
     python -m proxy_jax.convert --arch resnet50 --src resnet50-0676ba61.pth \
         --dst weights/resnet50.npz
     python -m proxy_jax.convert --arch bn_inception --src bn_inception-52deb4733.pth \
         --dst weights/bn_inception.npz
 
+    python -m proxy_jax.convert --arch googlenet_gluon --src googlenet-c7c89366.params \
+        --dst weights/googlenet_gluon.npz
+
 then point a config at the ``.npz`` (``proxy_jax.models.load_pretrained`` reads it, no torch).
+A ``.params`` file (gluoncv's model zoo, Gluon ``save_parameters``) is read without MXNet
+(``proxy_jax.models.mxnet_params``) and its keys renamed to torchvision's
+(:func:`gluon_googlenet_to_torch`) before the same mapping.
 
 Key names are those of torchvision (``resnet18/34/50/101``, ``googlenet``) and of Cadene's
 ``pretrainedmodels`` ``bninception``. A key ``a.b.weight`` becomes ``params/a/b/kernel``
@@ -26,10 +33,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from proxy_jax.models.mxnet_params import read_mxnet_params
 from proxy_jax.models.registry import BACKBONES, get_backbone
 from proxy_jax.models.weights import backbone_shapes, save_weights
 
-__all__ = ["convert_state_dict", "main"]
+__all__ = ["convert_state_dict", "gluon_googlenet_to_torch", "main"]
+
+# Gluon BatchNorm leaf names -> torch's; a basic conv is HybridSequential(Conv2D, BatchNorm,
+# Activation): child 0 is torch's 'conv', child 1 its 'bn'.
+_GLUON_LEAVES = {"weight": "weight", "gamma": "weight", "beta": "bias",
+                 "running_mean": "running_mean", "running_var": "running_var"}
+_GLUON_BRANCHES = ("branch1", "branch2", "branch3", "branch4")
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -98,24 +112,80 @@ def convert_state_dict(state_dict: Mapping[str, object], arch: str) -> dict:
     return weights
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m proxy_jax.convert",
-        description="Convert a PyTorch state_dict (.pth) into a proxy_jax weight file (.npz).")
-    parser.add_argument("--arch", required=True,
-                        choices=sorted(name for name in BACKBONES if name != "tiny_cnn"))
-    parser.add_argument("--src", required=True, help="PyTorch file holding a state_dict")
-    parser.add_argument("--dst", required=True, help="output .npz for load_pretrained")
-    args = parser.parse_args(argv)
+def gluon_googlenet_to_torch(params: Mapping[str, object]) -> dict:
+    """Renames gluoncv GoogLeNet ``.params`` keys to torchvision GoogLeNet state_dict keys.
 
+    gluoncv (``model_zoo/googlenet.py``) names parameters by structure: ``conv1.0.weight``
+    (conv) and ``conv1.1.gamma`` (its BatchNorm) are torchvision's ``conv1.conv.weight`` and
+    ``conv1.bn.weight``; in an Inception block ``inception3a.{b}.{i}.{0|1}.*`` is branch b+1,
+    layer i (branch 1 has one layer and no index in torchvision; branch 4's conv is layer
+    1 after its pool, as in torchvision). Other keys (the heads ``head.``/``output.``/
+    ``aux1.``/``aux2.``) are returned unchanged.
+
+    Args:
+      params: ``{gluon key: array}``.
+
+    Returns:
+      ``{torch key: array}``, values unchanged (Gluon's OIHW conv layout is torch's).
+    """
+    out = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        new = key
+        if parts[0] in ("conv1", "conv2", "conv3") and len(parts) == 3:
+            layer = {"0": "conv", "1": "bn"}.get(parts[1])
+            if layer and parts[2] in _GLUON_LEAVES:
+                new = f"{parts[0]}.{layer}.{_GLUON_LEAVES[parts[2]]}"
+        elif parts[0].startswith("inception") and len(parts) == 5:
+            block, branch, index, layer, leaf = parts
+            layer = {"0": "conv", "1": "bn"}.get(layer)
+            if branch in ("0", "1", "2", "3") and layer and leaf in _GLUON_LEAVES:
+                name = _GLUON_BRANCHES[int(branch)]
+                seq = "" if name == "branch1" else f".{index}"
+                if name != "branch1" or index == "0":
+                    new = f"{block}.{name}{seq}.{layer}.{_GLUON_LEAVES[leaf]}"
+        out[new] = value
+    return out
+
+
+def read_source(path: str, arch: str) -> Mapping[str, object]:
+    """The state_dict in ``path``: a PyTorch file, or a gluoncv ``.params`` file.
+
+    A ``.params`` file is read without MXNet and, for ``googlenet_gluon``, renamed by
+    :func:`gluon_googlenet_to_torch`; anything else is loaded with torch (imported here).
+
+    Raises:
+      ValueError: a ``.params`` file for an arch with no Gluon naming, or a file that holds
+        no state_dict.
+    """
+    if path.endswith(".params"):
+        if arch != "googlenet_gluon":
+            raise ValueError(f"src {path!r} is an MXNet .params file; only --arch "
+                             f"googlenet_gluon reads those, got {arch!r}")
+        return gluon_googlenet_to_torch(read_mxnet_params(path))
     import torch  # only this command needs torch
 
-    state = torch.load(args.src, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # a training checkpoint wrapping the state_dict
     if not isinstance(state, Mapping):
-        raise ValueError(f"src {args.src!r} holds a {type(state).__name__}, expected a state_dict")
-    weights = convert_state_dict(state, args.arch)
+        raise ValueError(f"src {path!r} holds a {type(state).__name__}, expected a state_dict")
+    return state
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy_jax.convert",
+        description="Convert a PyTorch state_dict (.pth) or a gluoncv GoogLeNet .params "
+                    "file into a proxy_jax weight file (.npz).")
+    parser.add_argument("--arch", required=True,
+                        choices=sorted(name for name in BACKBONES if name != "tiny_cnn"))
+    parser.add_argument("--src", required=True,
+                        help="PyTorch file holding a state_dict, or an MXNet .params file")
+    parser.add_argument("--dst", required=True, help="output .npz for load_pretrained")
+    args = parser.parse_args(argv)
+
+    weights = convert_state_dict(read_source(args.src, args.arch), args.arch)
     save_weights(args.dst, weights, arch=args.arch)
     print(f"wrote {args.dst}: {args.arch}, {len(weights)} arrays, "
           f"{sum(a.size for a in weights.values()):,} numbers")

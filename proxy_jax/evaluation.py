@@ -46,6 +46,7 @@ __all__ = [
     "clustering_metrics",
     "find_neighbours",
     "metrics_from_neighbours",
+    "top_k_average_precision",
     "nearest_neighbours",
     "retrieval_metrics",
 ]
@@ -135,6 +136,52 @@ def retrieval_metrics(
         max_k=max(ks), method=method, block_size=block_size,
     )
     return metrics_from_neighbours(neighbours, ks=ks)
+
+
+def top_k_average_precision(
+    embeddings,
+    labels,
+    *,
+    k: int,
+    gallery_embeddings=None,
+    gallery_labels=None,
+    block_size: int = 1024,
+) -> float:
+    """Mean over queries of the average precision within the first ``k`` results.
+
+    For each query the gallery is ranked by inner product (ties by the lower gallery
+    index; all-vs-all: the query itself excluded); AP = Σ_{hits at rank i ≤ k} P@i divided
+    by the number of hits among the first k (0 when there is none). This is DADA's In-shop
+    'MAP' (``metrics/query_gallery_metrics.py``, ``average_precision`` of the top max(ks)
+    ranked labels), not MAP@R.
+
+    Args:
+      embeddings, labels, gallery_embeddings, gallery_labels: as :func:`retrieval_metrics`.
+      k: results per query (clipped to the gallery size).
+      block_size: queries per block (memory: block_size × gallery float32).
+    """
+    query, query_labels, gallery, gallery_labels_, all_vs_all = _validate_retrieval(
+        embeddings, labels, gallery_embeddings, gallery_labels)
+    (k,) = _validate_ks([k])
+    k = min(k, len(gallery) - (1 if all_vs_all else 0))
+    total = 0.0
+    for start in range(0, len(query), block_size):
+        rows = np.arange(start, min(start + block_size, len(query)))
+        sims = query[rows] @ gallery.T
+        if all_vs_all:
+            sims[np.arange(len(rows)), rows] = -np.inf
+        # The k best by (similarity desc, index asc): the k-th value, then a stable sort of
+        # the candidates at or above it (ties at the boundary all enter, then are cut).
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1:k]
+        for i, row in enumerate(rows):
+            candidates = np.flatnonzero(sims[i] >= kth[i])
+            order = candidates[np.argsort(-sims[i, candidates], kind="stable")][:k]
+            hits = gallery_labels_[order] == query_labels[row]
+            found = hits.sum()
+            if found:
+                precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+                total += float(precision[hits].sum() / found)
+    return total / len(query)
 
 
 def find_neighbours(

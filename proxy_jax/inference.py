@@ -75,7 +75,8 @@ def evaluate(embed_fn: Callable, state, data, config, mesh: Mesh,
     ``gallery`` None means all-vs-all.
 
     Returns metrics as floats, keys as :func:`proxy_jax.evaluation.retrieval_metrics`
-    ('recall@1', …, 'r_precision', 'map@r'; 'nmi', 'f1' with ``config.eval.nmi``). With
+    ('recall@1', …, 'r_precision', 'map@r'; 'ap@K' with ``config.eval.ap_at`` = K; 'nmi',
+    'f1' with ``config.eval.nmi``). With
     several processes all must call it; process 0 computes, all return the same metrics.
     """
     variables = network_variables(state)
@@ -87,6 +88,10 @@ def evaluate(embed_fn: Callable, state, data, config, mesh: Mesh,
     if multihost.is_primary():  # computed once; every process holds all the embeddings
         metrics = evaluation.retrieval_metrics(query, query_y, ks=tuple(config.eval.ks),
                                                gallery_embeddings=gallery, gallery_labels=gallery_y)
+        if config.eval.ap_at > 0:
+            metrics[f"ap@{config.eval.ap_at}"] = evaluation.top_k_average_precision(
+                query, query_y, k=config.eval.ap_at, gallery_embeddings=gallery,
+                gallery_labels=gallery_y)
         if config.eval.nmi:
             metrics.update(evaluation.clustering_metrics(query, query_y, seed=config.seed))
         metrics = {k: float(v) for k, v in metrics.items()}

@@ -28,6 +28,7 @@ on the host.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -51,6 +52,7 @@ __all__ = [
     "proxy_anchor",
     "soft_triple",
     "hphn_triplet",
+    "TIE_GRADIENTS",
 ]
 
 
@@ -503,6 +505,63 @@ def _pairwise_euclidean(x: Array) -> Array:
     return jnp.sqrt(jnp.clip(sq_dist, 1e-12, 1e12))
 
 
+def _first_copy(x: Array) -> Array:
+    """``[N]`` int: for each row of ``x [N, D]``, the first row that equals it exactly.
+
+    Rows that compare equal element by element are one point (NaN rows only equal
+    themselves). Used to make their distances bit-identical by construction.
+    """
+    n = x.shape[0]
+    same = jnp.all(x[:, None, :] == x[None, :, :], axis=-1) | jnp.eye(n, dtype=bool)
+    return jnp.argmax(same, axis=1)
+
+
+@jax.custom_jvp
+def _columns_of_first_copy(dist: Array, first: Array) -> Array:
+    """``dist [N, N]`` with column j read from column ``first[j]``; tangents pass as they are.
+
+    Equal points get bit-equal distance columns whatever the rounding of the matmul
+    (which may differ between output tiles), so their tie in a min/max is exact; the
+    gradient of column j still goes to point j, as if each column had been computed alone.
+    """
+    return jnp.take(dist, first, axis=1)
+
+
+@_columns_of_first_copy.defjvp
+def _columns_of_first_copy_jvp(primals, tangents):
+    dist, first = primals
+    return _columns_of_first_copy(dist, first), tangents[0]
+
+
+def _full_gradient_to_ties(reduce):
+    """A min/max reduction whose gradient goes in full to every entry equal to the result.
+
+    MXNet's backward of ``min``/``max`` (``ograd * (input == output)``), where ``jnp.min``
+    and ``jnp.max`` divide it evenly among the tied entries. Ties are exact equality.
+    """
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+    def reduced(v: Array, axis: int) -> Array:
+        return reduce(v, axis=axis)
+
+    @reduced.defjvp
+    def reduced_jvp(axis, primals, tangents):
+        (v,), (t,) = primals, tangents
+        out = reduce(v, axis=axis)
+        tied = v == jnp.expand_dims(out, axis)
+        return out, jnp.sum(jnp.where(tied, t, jnp.zeros_like(t)), axis=axis)
+
+    return reduced
+
+
+# Tie rules of hphn_triplet: (min, max) reductions, each called as f(v, axis).
+_TIE_GRADIENT = {
+    "each": (_full_gradient_to_ties(jnp.min), _full_gradient_to_ties(jnp.max)),
+    "split": (lambda v, axis: jnp.min(v, axis=axis), lambda v, axis: jnp.max(v, axis=axis)),
+}
+TIE_GRADIENTS = tuple(_TIE_GRADIENT)  # the names hphn_triplet's tie_gradient takes
+
+
 def hphn_triplet(
     embeddings: Array,
     labels: Array,
@@ -511,6 +570,7 @@ def hphn_triplet(
     soft_margin: bool = False,
     num_original: Optional[int] = None,
     reduction: str = "mean",
+    tie_gradient: str = "each",
 ) -> Array:
     """Triplet loss with the hardest positive and hardest negative per anchor (HPHN).
 
@@ -529,12 +589,21 @@ def hphn_triplet(
     synthetic counterparts), each taken over all N columns, exactly as the official code.
 
     Tie rule: the hardest negative is often tied, because every synthetic point occurs
-    twice (row i of group k equals its partner's row of group n+1−k). The loss value does
-    not depend on the tie. The gradient follows ``jnp.min``/``jnp.max``, which split it
-    evenly among tied entries; tied copies are the same function of the inputs, so a
-    duplicated hardest negative counts once. MXNet's min/max backward gives every tied entry
-    the full gradient, so the official gradient counts it twice (tested in
-    ``tests/regularizers/test_expansion.py``).
+    twice (row r of group k equals its partner's row of group n+1−k), and a batch may hold
+    the same image twice. The loss value does not depend on the tie; the gradient does.
+    Rows of ``embeddings`` that are exactly equal are one point: their distance columns
+    are bit-identical by construction (not by the luck of the matmul's rounding), so they
+    always tie. ``tie_gradient`` then says where the gradient of a tied min/max goes:
+
+    * ``'each'`` (default): in full to every tied entry, as MXNet's min/max backward does
+      (``ograd * (input == output)``), so a hardest negative present twice gets twice the
+      gradient. This is the official rule (``loss/hphn_triplet.py`` lines 74-83).
+    * ``'split'``: divided evenly among them, as ``jnp.min``/``jnp.max``: a duplicated
+      hardest negative counts once.
+
+    Away from ties both rules give the same gradient. Where the tie is a repeated point
+    (the same function of the inputs twice), ``'split'`` is the derivative of the loss and
+    ``'each'`` is not: it is the gradient the official code trains with.
 
     Args:
       embeddings: ``[N, D]`` float embeddings, ``N = G · num_original`` when grouped.
@@ -544,6 +613,7 @@ def hphn_triplet(
       num_original: size B of the original batch when synthetic groups follow it.
       reduction: ``'mean'``, ``'sum'`` (what the official trainer back-propagates) or
         ``'none'`` (the per-anchor vector ``[B]``).
+      tie_gradient: ``'each'`` or ``'split'``, the gradient of tied minima and maxima.
 
     Returns:
       A float32 scalar, or ``[B]`` with ``reduction='none'``.
@@ -551,6 +621,9 @@ def hphn_triplet(
     check_inputs(embeddings, labels)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if tie_gradient not in TIE_GRADIENTS:
+        raise ValueError(f"tie_gradient must be 'each' or 'split', got {tie_gradient!r}")
+    reduce_min, reduce_max = _TIE_GRADIENT[tie_gradient]
     n = embeddings.shape[0]
     if num_original is not None:
         if not isinstance(num_original, int) or num_original < 1 or n % num_original:
@@ -561,14 +634,14 @@ def hphn_triplet(
     b = n if num_original is None else num_original
 
     x = embeddings.astype(_compute_dtype(embeddings))
-    dist = _pairwise_euclidean(x)
+    dist = _columns_of_first_copy(_pairwise_euclidean(x), _first_copy(x))
     is_pos = labels[:, None] == labels[None, :]
     # Multiplying by the 0/1 masks (rather than masking with +-inf) is the official rule:
     # a row without a positive gets d_ap = 0, one without a negative gets its row maximum.
-    dist_ap = jnp.max(jnp.where(is_pos, dist, 0.0)[:b, :b], axis=1)
-    row_max = jnp.max(dist, axis=1, keepdims=True)
-    dist_an = jnp.min(jnp.where(is_pos, row_max, dist), axis=1)
-    dist_an = jnp.min(dist_an.reshape(n // b, b), axis=0)
+    dist_ap = reduce_max(jnp.where(is_pos, dist, 0.0)[:b, :b], 1)
+    row_max = jnp.expand_dims(reduce_max(dist, 1), 1)
+    dist_an = reduce_min(jnp.where(is_pos, row_max, dist), 1)
+    dist_an = reduce_min(dist_an.reshape(n // b, b), 0)
 
     if soft_margin:
         per_anchor = jax.nn.softplus(dist_ap - dist_an)

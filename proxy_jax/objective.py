@@ -95,9 +95,10 @@ LOSSES = {
                        tau=c.tau, margin=c.delta),
         True, _MASKS, centers_per_class=lambda c: c.centers_per_class),
     "hphn_triplet": Loss(losses.hphn_triplet,
-                         {"margin": 0.1, "soft_margin": False, "reduction": "mean"},
+                         {"margin": 0.1, "soft_margin": False, "reduction": "mean",
+                          "tie_gradient": "each"},
                          lambda c: dict(margin=c.margin, soft_margin=c.soft_margin,
-                                        reduction=c.reduction),
+                                        reduction=c.reduction, tie_gradient=c.tie_gradient),
                          False, frozenset({"expanded"})),
 }
 
@@ -198,6 +199,10 @@ class Regularizer(NamedTuple):
 
 def _build_ps(reg, ctx: Context) -> Stage:
     alpha, mu = float(reg.ps_alpha), float(reg.ps_mu)
+    if reg.ps_reorder not in regularizers.PS_REORDERS:
+        raise ValueError(f"config.regularizer.ps_reorder must be one of "
+                         f"{sorted(regularizers.PS_REORDERS)}, got {reg.ps_reorder!r}")
+    reorder = regularizers.PS_REORDERS[reg.ps_reorder]
     if mu > 0 and math.floor(ctx.global_batch_size * mu) == 0:
         raise ValueError(f"config.regularizer.ps_mu={mu} with a global batch of "
                          f"{ctx.global_batch_size} synthesizes no sample; use ps_mu=0 or more")
@@ -208,14 +213,14 @@ def _build_ps(reg, ctx: Context) -> Stage:
         # The official loop reorders each batch so that y[i] != y[i+1]: synthetic class
         # i mixes rows i and i-1, and must not be a mix of one class with itself.
         if flow.sample_mask is None:
-            order = regularizers.distinct_neighbours(flow.labels, key_order)
+            order = reorder(flow.labels, key_order)
             e, y, p = regularizers.proxy_synthesis(key_lambda, flow.embeddings[order],
                                                    flow.labels[order], flow.proxies,
                                                    alpha=alpha, mu=mu)
             return flow._replace(embeddings=e, labels=y, proxies=p), extra
         # A padded batch: the real rows are reordered among themselves and come first;
         # synthesis uses them only (the official step on torch's partial batch).
-        order = regularizers.distinct_neighbours(flow.labels, key_order, flow.sample_mask)
+        order = reorder(flow.labels, key_order, flow.sample_mask)
         if mu == 0:
             return flow._replace(embeddings=flow.embeddings[order], labels=flow.labels[order],
                                  sample_mask=flow.sample_mask[order]), extra
@@ -308,7 +313,7 @@ def _build_ee(reg, ctx: Context) -> Stage:
 
 
 REGULARIZERS = {
-    "ps": Regularizer({"ps_alpha": 0.4, "ps_mu": 1.0},
+    "ps": Regularizer({"ps_alpha": 0.4, "ps_mu": 1.0, "ps_reorder": "neighbour_swaps"},
                       needs=frozenset({"proxies", "one_proxy_per_class"}),
                       accepts=frozenset({"padded"}), produces=frozenset({"synthetic"}),
                       build=_build_ps),

@@ -105,6 +105,8 @@ def _bad(config, **changes):
     ({"data.batch_size": 0}, "config.data.batch_size must be >= 1"),
     ({"data.batch_size": 6, "data.n_instance": 4}, "multiple of config.data.n_instance"),
     ({"optimizer.name": "sgd"}, "config.optimizer.name must be one of"),
+    ({"loss.name": "hphn_triplet", "loss.tie_gradient": "even"},
+     "config.loss.tie_gradient must be one of \\['each', 'split'\\], got 'even'"),
     ({"eval.ks": (0, 1)}, "config.eval.ks"),
     ({"model.bn_momentum": 0.0}, "config.model.bn_momentum must lie in"),
     ({"model.bn_running_var": "sample"}, "config.model.bn_running_var must be one of"),

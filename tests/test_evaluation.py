@@ -447,3 +447,26 @@ def test_f1_equals_dada(official):
         assert got == pytest.approx(case["f1"], abs=1e-12)
     assert ev._pair_counting_f1(np.array([0, 0, 1, 1]), np.array([0, 1, 2, 3])) == 0.0
     assert np.isnan(ev._pair_counting_f1(np.arange(3), np.arange(3)))
+
+
+def test_top_k_average_precision_is_dadas_inshop_map():
+    """DADA's In-shop 'MAP' (Noahsark/DADA metrics/query_gallery_metrics.py: rank_gallery
+    then average_precision over the top k, imported unchanged in a scratch folder) on seeded
+    query/gallery embeddings, some query classes without any gallery item:
+    tests/fixtures/dada_inshop_map.npz."""
+    f = np.load(FIXTURES / "dada_inshop_map.npz")
+    for k in (1, 10, 50):
+        got = ev.top_k_average_precision(
+            f["query"], f["query_labels"], k=k, gallery_embeddings=f["gallery"],
+            gallery_labels=f["gallery_labels"], block_size=16)
+        assert got == pytest.approx(float(f[f"map_top{k}"]), rel=1e-6), k
+
+
+def test_top_k_average_precision_all_vs_all_excludes_the_query():
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], np.float32)
+    labels = np.array([0, 0, 1, 0])
+    # Ranked lists (the query excluded): 0 -> 1, 3, 2 (hits at 1, 2: AP 1); 1 -> 0, 3, 2
+    # (AP 1); 2 -> 3, 1, 0 (no other item of class 1: 0); 3 -> 2, 1, 0 (hits at 2, 3).
+    got = ev.top_k_average_precision(emb, labels, k=3)
+    expected = np.mean([1.0, 1.0, 0.0, (1 / 2 + 2 / 3) / 2])
+    assert got == pytest.approx(expected, rel=1e-9)

@@ -155,6 +155,41 @@ def test_hphn_triplet_matches_loop_definition(soft, groups):
                                          num_original=b, reduction="sum"), expected.sum())
 
 
+def _duplicated_negative():
+    """Anchor 0, its positive 1 and a nearer negative present twice (rows 2, 3) in 4 dims."""
+    rng = np.random.default_rng(13)
+    a, u, v = rng.normal(size=(3, 4))
+    x = np.stack([a, a + 3 * u / np.linalg.norm(u), a + v / np.linalg.norm(v)])
+    return np.concatenate([x, x[2:]]).astype(np.float32), np.array([0, 0, 1, 2], np.int32)
+
+
+def test_hphn_tie_gradient_rules_on_a_repeated_hardest_negative():
+    x, y = _duplicated_negative()
+
+    def anchor_loss(a, tie):  # the loss of anchor 0 only, hardest negative rows 2 and 3
+        return losses.hphn_triplet(a, y, margin=5.0, reduction="none", tie_gradient=tie)[0]
+
+    each = jax.grad(anchor_loss)(x, "each")
+    split = jax.grad(anchor_loss)(x, "split")
+    assert_rel_close(losses.hphn_triplet(x, y, tie_gradient="each"),
+                     losses.hphn_triplet(x, y, tie_gradient="split"), tol=0)
+    # each copy gets the full gradient (MXNet), or half of it (jnp.min)
+    assert_rel_close(each[2], each[3], tol=1e-6)
+    assert_rel_close(each[2:], 2 * split[2:], tol=1e-6)
+    assert_rel_close(each[1], split[1], tol=1e-6)  # the positive is not tied
+    d_an = jax.grad(lambda a: jnp.linalg.norm(a[0] - a[2]))(x)[0]
+    assert_rel_close(each[0] - split[0], -d_an, tol=1e-4)  # the anchor counts it twice
+
+
+def test_hphn_tie_rules_agree_without_ties():
+    rng = np.random.default_rng(14)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = np.repeat(np.arange(4), 2).astype(np.int32)
+    grads = [jax.grad(lambda a: losses.hphn_triplet(a, y, tie_gradient=t))(x)
+             for t in ("each", "split")]
+    assert_rel_close(grads[0], grads[1], tol=1e-6)
+
+
 # ----------------------------------------------------------------- masks
 
 
@@ -206,8 +241,10 @@ def test_check_grads_hphn():
         x = rng.normal(size=(8, 5))
         y = np.repeat(np.arange(4), 2).astype(np.int32)
         for soft in (False, True):
-            check_grads(lambda a: losses.hphn_triplet(a, y, soft_margin=soft), (x,),
-                        order=1, modes=("rev",))
+            for tie in ("each", "split"):
+                check_grads(lambda a: losses.hphn_triplet(a, y, soft_margin=soft,
+                                                          tie_gradient=tie), (x,),
+                            order=1, modes=("fwd", "rev"))
 
 
 @pytest.mark.parametrize("name", sorted(PROXY_LOSSES))
@@ -269,6 +306,8 @@ def test_hphn_bad_input():
         losses.hphn_triplet(x, y, num_original=5)
     with pytest.raises(ValueError, match="reduction"):
         losses.hphn_triplet(x, y, reduction="avg")
+    with pytest.raises(ValueError, match="tie_gradient must be 'each' or 'split', got 'even'"):
+        losses.hphn_triplet(x, y, tie_gradient="even")
     with pytest.raises(ValueError, match="labels"):
         losses.hphn_triplet(x, y[:3])
 

@@ -54,9 +54,10 @@ def test_plain_objective_is_the_base_loss(loss):
     assert memory == {}
 
 
-def test_ps_objective_reorders_then_synthesizes():
+@pytest.mark.parametrize("reorder", ["neighbour_swaps", "distinct_neighbours"])
+def test_ps_objective_reorders_then_synthesizes(reorder):
     emb, labels, proxies = _inputs()
-    config = _config("norm_softmax", "ps", ps_alpha=0.4, ps_mu=0.5)
+    config = _config("norm_softmax", "ps", ps_alpha=0.4, ps_mu=0.5, ps_reorder=reorder)
     objective = make_objective(config, num_classes=C, global_batch_size=B)
     key = jax.random.PRNGKey(3)
     value, _ = jax.jit(lambda e, y, p: objective.loss_fn(e, y, p, key=key, extra={}, epoch=0))(
@@ -65,7 +66,7 @@ def test_ps_objective_reorders_then_synthesizes():
     @jax.jit
     def reference(emb, labels, proxies):
         key_order, key_lambda = jax.random.split(key)
-        order = regularizers.distinct_neighbours(labels, key_order)
+        order = regularizers.PS_REORDERS[reorder](labels, key_order)
         e, y, p = regularizers.proxy_synthesis(key_lambda, emb[order], labels[order], proxies,
                                                alpha=0.4, mu=0.5)
         return (losses.norm_softmax(e, y, p, scale=23.0), labels[order], e.shape[0], p.shape[0],
@@ -76,6 +77,12 @@ def test_ps_objective_reorders_then_synthesizes():
     np.testing.assert_allclose(value, expected, rtol=1e-6)
     # The synthetic classes make it differ from the plain loss.
     assert abs(float(value) - float(plain)) > 1e-3
+
+
+def test_unknown_ps_reorder_is_named():
+    config = _config("norm_softmax", "ps", ps_reorder="sorted")
+    with pytest.raises(ValueError, match="config.regularizer.ps_reorder must be one of"):
+        make_objective(config, num_classes=C, global_batch_size=B)
 
 
 def test_memvir_objective_reads_before_push_and_waits_for_warm_up():
@@ -196,6 +203,23 @@ def test_ee_objective_matches_expansion_plus_hphn():
         objective.check_batch(np.array([0, 0, 1, 1, 2, 3, 4, 4]))
 
 
+@pytest.mark.parametrize("tie_gradient", ["each", "split"])
+def test_ee_objective_takes_the_tie_rule_from_the_config(tie_gradient):
+    config = _config("hphn_triplet", "ee", ee_num_inner=2)
+    config.loss.margin = 0.2
+    config.loss.tie_gradient = tie_gradient
+    objective = make_objective(config, num_classes=C, global_batch_size=B)
+    emb = losses.l2_normalize(_inputs()[0])
+    labels = jnp.array([0, 0, 1, 1, 2, 2, 3, 3], jnp.int32)
+    grad = jax.jit(jax.grad(lambda e: objective.loss_fn(e, labels, None, key=None, extra={},
+                                                         epoch=0)[0]))(emb)
+
+    def reference(emb):
+        e, y = regularizers.embedding_expansion(emb, labels, num_inner=2)
+        return losses.hphn_triplet(e, y, margin=0.2, num_original=B, tie_gradient=tie_gradient)
+    np.testing.assert_allclose(grad, jax.jit(jax.grad(reference))(emb), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("loss, regularizer, message", [
     ("arcface", "", "config.loss.name must be one of"),
     ("norm_softmax", "dropout", "'dropout' is not a regularizer; known"),
@@ -249,7 +273,7 @@ def test_ps_then_memvir_synthetic_classes_stay_out_of_the_memory():
     # What was pushed: the real (PS-normalized, reordered) batch and the real proxies, no
     # synthetic class.
     assert int(memory.size) == 1 and memory.embeddings.shape[1:] == (B, D)
-    order = regularizers.distinct_neighbours(y, jax.random.split(key1)[0])
+    order = regularizers.neighbour_swaps(y)  # the default reorder
     np.testing.assert_array_equal(memory.labels[0], y[order])
     np.testing.assert_allclose(memory.proxies[0], losses.l2_normalize(p), rtol=1e-6)
     assert int(memory.labels.max()) < C
@@ -258,7 +282,7 @@ def test_ps_then_memvir_synthetic_classes_stay_out_of_the_memory():
     # Reference: PS on this step, then the previous step appended as virtual classes
     # (labels shifted past the real and synthetic ones).
     k_order, k_lambda = jax.random.split(key2)
-    o2 = regularizers.distinct_neighbours(y2, k_order)
+    o2 = regularizers.neighbour_swaps(y2)
     ps_e, ps_y, ps_p = regularizers.proxy_synthesis(k_lambda, e2[o2], y2[o2], p2, alpha=0.4,
                                                     mu=1.0)
     num_syn = ps_p.shape[0] - C
@@ -345,16 +369,18 @@ def test_padded_step_equals_the_unpadded_partial_batch(loss):
 
 
 @pytest.mark.parametrize("mu", [1.0, 0.5])
-def test_padded_ps_step_equals_synthesis_of_the_real_rows(mu):
+@pytest.mark.parametrize("reorder", ["neighbour_swaps", "distinct_neighbours"])
+def test_padded_ps_step_equals_synthesis_of_the_real_rows(mu, reorder):
     """PS on a padded batch: the real rows reordered among themselves (distinct cyclic
     neighbours), ⌊b·μ⌋ synthetic classes of them only, the mean over b + ⌊b·μ⌋ rows; equal
     (value and gradients) to proxy_synthesis of the unpadded b rows in that order."""
     emb, labels, proxies, mask = _padded_inputs()
-    objective = make_objective(_padded_config("norm_softmax", "ps", ps_alpha=0.4, ps_mu=mu),
+    objective = make_objective(_padded_config("norm_softmax", "ps", ps_alpha=0.4, ps_mu=mu,
+                                              ps_reorder=reorder),
                                num_classes=C, global_batch_size=B)
     key = jax.random.PRNGKey(3)
     key_order, key_lambda = jax.random.split(key)
-    order = regularizers.distinct_neighbours(jnp.where(mask, labels, 0), key_order, mask)
+    order = regularizers.PS_REORDERS[reorder](jnp.where(mask, labels, 0), key_order, mask)
     real_order = np.asarray(order[:REAL])
     assert sorted(real_order.tolist()) == list(range(REAL))
 

@@ -65,7 +65,7 @@ _embedded.ensure_embedded_dataset({root!r}, num_train_classes={train}, num_test_
 
 # A piece of the block's text -> code run before it (the names the snippet takes as given).
 SETUP = {
-    "order = distinct_neighbours(labels, k_order)": """
+    "order = neighbour_swaps(labels)": """
 import jax, jax.numpy as jnp
 key = jax.random.PRNGKey(0)
 embeddings = jax.random.normal(jax.random.PRNGKey(1), (32, 64))

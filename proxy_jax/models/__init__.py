@@ -6,7 +6,8 @@
 * ``load_pretrained(variables, path, backbone)`` merges a file written by
   ``python -m proxy_jax.convert`` into the backbone subtree.
 * ``BACKBONES``: 'bn_inception', 'resnet18', 'resnet34', 'resnet50', 'resnet101',
-  'googlenet', 'tiny_cnn'.
+  'googlenet', 'googlenet_gluon' (gluoncv's GoogLeNet, imported from MXNet ``.params``),
+  'tiny_cnn'.
 """
 from proxy_jax.models.embedding import (EMBEDDING_INITS, POOLINGS, EmbeddingModel, create_model,
                                         global_pool)

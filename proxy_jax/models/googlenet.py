@@ -11,6 +11,15 @@ training-time ImageNet heads and not part of the backbone.
 sets) it takes ImageNet-normalized input and re-maps each channel to ``(pixel - 0.5) / 0.5``
 itself. proxy_jax keeps that behaviour so the input normalization is the same as for the
 ResNets; set it False only for weights trained without it.
+
+gluoncv's GoogLeNet (``gluoncv/model_zoo/googlenet.py``, the backbone of the official
+Embedding Expansion code, registered as ``googlenet_gluon``) is the same network with two
+differences: it takes ImageNet-normalized input as it is (``transform_input=False``) and
+its ``maxpool4`` (2×2, stride 2) rounds down (``pool4_ceil_mode=False``), which changes the
+output size when the map entering it is odd (e.g. 3×3 → 1×1 instead of 2×2). Everything
+else matches: BatchNorm eps 1e-3, the 3×3 "5x5" branch, ceil_mode in maxpool1-3 (MXNet's
+'full' convention gives the same sizes there), a stride-1 3×3 max pool before each
+``pool_proj`` (rounding cannot matter at stride 1).
 """
 from typing import Any
 
@@ -96,6 +105,7 @@ class GoogLeNet(nn.Module):
     """
 
     transform_input: bool = True
+    pool4_ceil_mode: bool = True
     freeze_bn: bool = True
     bn_rule: BatchNormRule = BatchNormRule()
     dtype: Any = jnp.float32
@@ -116,7 +126,8 @@ class GoogLeNet(nn.Module):
         for name, channels in _BLOCKS:
             if channels is None:
                 window = 3 if name == "maxpool3" else 2
-                x = max_pool(x, window=window, stride=2, ceil_mode=True)
+                ceil_mode = name == "maxpool3" or self.pool4_ceil_mode
+                x = max_pool(x, window=window, stride=2, ceil_mode=ceil_mode)
             else:
                 x = Inception(*channels, name=name, **kw)(x, train=train)
         return x

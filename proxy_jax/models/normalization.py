@@ -27,6 +27,9 @@ _BY_BACKBONE = {
     # torchvision's pretrained GoogLeNet takes ImageNet-normalized input and re-maps it
     # itself (transform_input=True, see proxy_jax.models.googlenet).
     "googlenet": _TORCHVISION,
+    # gluoncv's GoogLeNet takes the same normalized input as it is (Embedding Expansion's
+    # transforms: ToTensor + Normalize with the ImageNet mean and std).
+    "googlenet_gluon": _TORCHVISION,
     "bn_inception": _BN_INCEPTION,
     "tiny_cnn": _TINY,
 }

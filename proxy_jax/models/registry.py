@@ -38,6 +38,12 @@ BACKBONES = {
                               2048, _RESNET_HEADS, "torchvision.models.resnet101"),
     "googlenet": BackboneSpec(GoogLeNet, 1024, ("fc.", "aux1.", "aux2."),
                               "torchvision.models.googlenet"),
+    # gluoncv's GoogLeNet (Embedding Expansion's backbone), with torchvision's key names:
+    # proxy_jax.convert renames its .params keys (head., output., aux1., aux2. are heads).
+    "googlenet_gluon": BackboneSpec(
+        functools.partial(GoogLeNet, transform_input=False, pool4_ceil_mode=False), 1024,
+        ("fc.", "aux1.", "aux2.", "head.", "output."),
+        "torchvision.models.googlenet (renamed from gluoncv.model_zoo.googlenet .params)"),
     "bn_inception": BackboneSpec(BNInception, 1024, ("last_linear.",),
                                  "pretrainedmodels.models.bninception.BNInception"),
     "tiny_cnn": BackboneSpec(TinyCNN, 256, (), "proxy_jax.models.tiny_cnn (no PyTorch model)"),

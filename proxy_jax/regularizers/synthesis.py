@@ -2,8 +2,9 @@
 
 ``proxy_synthesis`` turns ``(embeddings, labels, proxies)`` into a larger problem with
 synthetic classes that any proxy loss of :mod:`proxy_jax.losses` can take.
-``distinct_neighbours`` reorders a batch so that neighbouring labels differ, the contract
-Proxy Synthesis relies on (it mixes each sample with its predecessor).
+Proxy Synthesis mixes each sample with its predecessor, so the batch is reordered first
+so that neighbouring labels differ: ``neighbour_swaps`` is the official training loop's rule
+(the default), ``distinct_neighbours`` a random order with that property.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from proxy_jax.losses import check_inputs, check_labels, l2_normalize
 
 Array = jax.Array
 
-__all__ = ["proxy_synthesis", "masked_proxy_synthesis", "distinct_neighbours"]
+__all__ = ["proxy_synthesis", "masked_proxy_synthesis", "distinct_neighbours", "neighbour_swaps",
+           "REORDERS"]
 
 
 def _static_float(mu) -> float:
@@ -237,6 +239,67 @@ def masked_proxy_synthesis(
     return out_x, out_y, out_p, out_sample_mask, out_proxy_mask
 
 
+def neighbour_swaps(labels: Array, *, sample_mask: Optional[Array] = None,
+                    max_passes: int = 50) -> Array:
+    """The official reorder of a batch (``main.py`` of navervision/proxy-synthesis).
+
+    A pass walks the positions i = 0 … B−1 of the current order; whenever the sample at
+    i + 1 has the label of the sample at i, the samples at i + 1 and i + 2 trade places
+    (positions cyclic). Passes repeat, each on the previous one's order, until one swaps
+    nothing or ``max_passes`` have run. The result need not have distinct neighbours (a
+    class holding more than half the batch cannot), and it keeps most of the incoming
+    order: which samples mix is a function of the sampler's order, as officially.
+
+    Deterministic, jittable (a ``while_loop`` of passes, each a ``fori_loop`` over B).
+
+    Args:
+      labels: ``[B]`` int labels.
+      sample_mask: optional ``[B]`` bool, the real rows of a padded batch: they are moved
+        first (in their order) and reordered among themselves, cyclically over their count
+        b, as the official loop treats torch's partial batch of b rows; padding stays last.
+      max_passes: the official ``n_try``.
+
+    Returns:
+      ``[B]`` int32 permutation; gather with ``x[perm]``, ``labels[perm]``.
+    """
+    check_labels(labels)
+    labels = jnp.asarray(labels)
+    b = labels.shape[0]
+    if b == 0:
+        return jnp.zeros((0,), jnp.int32)
+    start = jnp.arange(b, dtype=jnp.int32)
+    n = b
+    if sample_mask is not None:
+        mask = jnp.asarray(sample_mask, bool)
+        start = jnp.argsort(~mask, stable=True).astype(jnp.int32)  # real rows first
+        n = jnp.maximum(jnp.sum(mask.astype(jnp.int32)), 1)
+
+    def one_pass(order):
+        current = labels[order]
+
+        def visit(i, carry):
+            idx, swaps = carry
+            nxt, after = (i + 1) % n, (i + 2) % n
+            same = (current[idx[i]] == current[idx[nxt]]) & (i < n)
+            swapped = idx.at[nxt].set(idx[after]).at[after].set(idx[nxt])
+            return jnp.where(same, swapped, idx), swaps + same.astype(jnp.int32)
+
+        idx, swaps = jax.lax.fori_loop(0, b, visit, (jnp.arange(b, dtype=jnp.int32), 0))
+        return order[idx], swaps
+
+    def more(state):
+        _, swaps, passes = state
+        return (swaps > 0) & (passes < max_passes)
+
+    def step(state):
+        order, _, passes = state
+        order, swaps = one_pass(order)
+        return order, swaps, passes + 1
+
+    order, _, _ = jax.lax.while_loop(more, step, (start, 1, 0))
+    return order
+
+
 def distinct_neighbours(labels: Array, key: Array, sample_mask: Optional[Array] = None) -> Array:
     """A random permutation after which neighbouring labels differ, cyclically.
 
@@ -302,3 +365,12 @@ def distinct_neighbours(labels: Array, key: Array, sample_mask: Optional[Array] 
     shift = jax.random.randint(key_shift, (), 0, batch)
     position = jnp.where(rank < num_real, jnp.mod(slot + shift, jnp.maximum(num_real, 1)), rank)
     return jnp.zeros((batch,), jnp.int32).at[position].set(order)
+
+
+#: ``config.regularizer.ps_reorder``: ``(labels [B], key, sample_mask [B] | None) ->
+#: permutation [B]`` (with a mask, the real rows first).
+REORDERS = {
+    "neighbour_swaps": lambda labels, key, sample_mask=None: neighbour_swaps(
+        labels, sample_mask=sample_mask),  # the official loop's
+    "distinct_neighbours": distinct_neighbours,  # random, distinct whenever possible
+}

@@ -390,12 +390,12 @@ def test_input_normalization():
     assert isinstance(bgr, InputNormalization)
     assert bgr == InputNormalization(mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0), bgr=True,
                                      scale=1.0)
-    for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "googlenet"):
+    for arch in ("resnet18", "resnet34", "resnet50", "resnet101", "googlenet", "googlenet_gluon"):
         norm = input_normalization(arch)
         assert norm.mean == (0.485, 0.456, 0.406) and norm.std == (0.229, 0.224, 0.225)
         assert not norm.bgr and norm.scale == pytest.approx(1 / 255)
     assert set(BACKBONES) == {"bn_inception", "resnet18", "resnet34", "resnet50", "resnet101",
-                              "googlenet", "tiny_cnn"}
+                              "googlenet", "googlenet_gluon", "tiny_cnn"}
     for arch in BACKBONES:
         input_normalization(arch)
     with pytest.raises(ValueError, match="backbone must be one of"):

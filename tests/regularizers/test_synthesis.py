@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from jax.test_util import check_grads
 
 from proxy_jax import losses
-from proxy_jax.regularizers import distinct_neighbours, masked_proxy_synthesis, proxy_synthesis
+from proxy_jax.regularizers import (distinct_neighbours, masked_proxy_synthesis, neighbour_swaps,
+                                    proxy_synthesis)
 
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "ps_official.npz"
 CASES = [
@@ -422,3 +423,41 @@ def test_distinct_neighbours_of_a_padded_batch_orders_the_real_rows_first(real):
     assert sorted(order[real:].tolist()) == list(range(real, batch))
     y = labels[order[:real]]
     assert np.all(y != np.roll(y, 1)), y
+
+
+def test_neighbour_swaps_is_the_official_reorder():
+    """300 label batches (B 1..39, few classes, so many neighbours collide) reordered by the
+    official loop: its lines of ``main.py`` (navervision/proxy-synthesis @20dfe49, the
+    ``ps_mu > 0`` block and ``swap_idx``) run unchanged under torch in a scratch folder on
+    ``input = arange(B)``, whose final order is the permutation stored in
+    ``fixtures/ps_swaps_official.npz`` (labels from ``default_rng(0)``)."""
+    f = np.load(pathlib.Path(__file__).parent.parent / "fixtures" / "ps_swaps_official.npz")
+    bounds = np.cumsum(f["sizes"])[:-1]
+    swaps = jax.jit(neighbour_swaps)
+    unresolved = 0
+    for labels, order in zip(np.split(f["labels"], bounds), np.split(f["orders"], bounds)):
+        got = np.asarray(swaps(jnp.asarray(labels)))
+        np.testing.assert_array_equal(got, order)
+        ordered = labels[got]
+        unresolved += int(np.any(ordered == np.roll(ordered, -1))) if len(labels) > 1 else 0
+    assert 0 < unresolved < len(f["sizes"])  # the fixture holds both outcomes
+
+
+def test_neighbour_swaps_keeps_an_order_that_needs_no_swap():
+    labels = jnp.asarray([3, 1, 3, 2, 0, 1])
+    np.testing.assert_array_equal(neighbour_swaps(labels), np.arange(6))
+    assert neighbour_swaps(jnp.zeros((0,), jnp.int32)).shape == (0,)
+
+
+def test_neighbour_swaps_of_a_padded_batch_is_that_of_its_real_rows():
+    # The official loop reorders torch's partial batch of b rows; padding stays last.
+    f = np.load(pathlib.Path(__file__).parent.parent / "fixtures" / "ps_swaps_official.npz")
+    bounds = np.cumsum(f["sizes"])[:-1]
+    swaps = jax.jit(lambda y, m: neighbour_swaps(y, sample_mask=m))
+    for labels, order in list(zip(np.split(f["labels"], bounds), np.split(f["orders"], bounds)))[:40]:
+        b = len(labels)
+        padded = np.concatenate([labels, np.full(7, -1, np.int32)])
+        mask = np.arange(b + 7) < b
+        got = np.asarray(swaps(jnp.asarray(padded), jnp.asarray(mask)))
+        np.testing.assert_array_equal(got[:b], order)
+        np.testing.assert_array_equal(got[b:], np.arange(b, b + 7))
