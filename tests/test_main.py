@@ -79,7 +79,11 @@ def test_metrics_json_has_the_best_evaluation_and_its_epoch(trained):
     assert best["recall@1"] == pytest.approx(evaluations[first_best], abs=5e-5)
     assert {"recall@1", "recall@8", "r_precision", "map@r"} <= set(best)
     if first_best == 3:
-        assert best == {k: v for k, v in metrics.items() if k != "best"}
+        assert best == {k: v for k, v in metrics.items()
+                        if k not in ("best", "history", "total_steps")}
+    # Every evaluation in order, and the step count that makes the run complete.
+    assert [e["step"] for e in metrics["history"]] == [2, 3] and metrics["total_steps"] == 3
+    assert best in metrics["history"]
 
 
 def test_rerun_of_a_finished_run_says_so(trained, tiny_root):
