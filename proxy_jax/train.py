@@ -447,7 +447,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  scalars["train/images_per_sec"], _format_eta(eta))
                 if evaluate_now:
                     last_metrics = inference.evaluate(embed_fn, state, run.data, config, run.mesh,
-                                            workdir=workdir)
+                                                      workdir=workdir, step=step)
                     metrics_step = step
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in last_metrics.items()})
                     logging.info("step %d eval %s", step,
@@ -525,7 +525,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     """Evaluates the best (else the latest) checkpoint of ``workdir``; writes the pictures."""
     run, state, record = _restore_for_inference(config, workdir, best=best)
     metrics = inference.evaluate(inference.make_embed_fn(run.model, run.mesh), state, run.data, config, run.mesh,
-                       workdir=workdir, tag="_eval")
+                       workdir=workdir, tag="_eval", step=record["step"])
     logging.info("checkpoint step %d: %s", record["step"],
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return {"step": record["step"], **metrics}
