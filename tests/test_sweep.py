@@ -307,3 +307,38 @@ def test_search_trains_and_prunes_for_real(tiny_root, tiny_config, tmp_path):
     assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [2]
     with open(tmp_path / "pruned" / trial.user_attrs["workdir"] / "metrics.json") as f:
         assert json.load(f)["step"] == 2
+
+
+# ---------------------------------------------------------------------- a process pool
+
+_TINY_FILE = '''
+import importlib
+
+
+def get_config():
+    config = importlib.import_module("configs.default").get_config()
+    config.update_from_flattened_dict({changes!r})
+    return config
+'''
+
+
+def test_parallel_runs_each_in_its_own_process(tiny_root, tmp_path, monkeypatch, capsys):
+    changes = {"data.dataset": "folder", "data.root": tiny_root, "data.input_size": 16,
+               "data.resize": 16, "data.batch_size": 8, "data.eval_batch_size": 16,
+               "data.num_workers": 0, "model.embedding_dim": 8, "num_train_steps": 2,
+               "steps_per_epoch": 2, "eval.nmi": False, "eval.num_queries": 0,
+               "eval.map_points": 0}
+    config_file = tmp_path / "tiny.py"
+    config_file.write_text(_TINY_FILE.format(changes=changes))
+    monkeypatch.chdir(REPO)  # the children run python -m proxy_jax.sweep from here
+    workdir = tmp_path / "sweep"
+    argv = [f"--config={config_file}", "--seeds=0,1", f"--workdir={workdir}", "--parallel=2"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    for seed in (0, 1):
+        assert f"seed={seed}: complete" in out
+        assert sweep.run_status(str(workdir / f"seed={seed}")) == "complete"
+        log = (workdir / f"seed={seed}" / "sweep.log").read_text()
+        assert f"seed={seed}: complete" in log  # the child's own last line
+    assert (workdir / "results.md").exists()
+    assert sweep.main(argv) == 0 and "2 runs, 2 complete, 0 to run" in capsys.readouterr().out
