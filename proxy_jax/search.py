@@ -24,9 +24,11 @@ import csv
 import os
 from typing import Callable, NamedTuple, Optional, Sequence
 
-from proxy_jax import sweep
+from proxy_jax import config_utils
+from proxy_jax.overrides import (SweepError, folder_part, key_value, run_config, run_status,
+                                 split_values)
 
-__all__ = ["Dimension", "parse_space", "suggest", "run_search", "main"]
+__all__ = ["Dimension", "parse_space", "suggest", "run_search", "write_trials", "Stopped"]
 
 
 class Dimension(NamedTuple):
@@ -42,15 +44,15 @@ class Dimension(NamedTuple):
 
 
 def _dimension(text: str, config, source: str) -> Dimension:
-    field, value = sweep._key_value(text, "--search")
-    message = sweep.config_utils.unknown_field_message(config, field, source=source)
+    field, value = key_value(text, "--search")
+    message = config_utils.unknown_field_message(config, field, source=source)
     if message is not None:
-        raise sweep.SweepError(f"--search {text!r}: {message}")
+        raise SweepError(f"--search {text!r}: {message}")
     if ":" not in value:
-        return Dimension(field, "choice", choices=tuple(sweep.split_values(value)))
+        return Dimension(field, "choice", choices=tuple(split_values(value)))
     parts = value.split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
-        raise sweep.SweepError(f"--search {text!r}: expected FIELD=LOW:HIGH, "
+        raise SweepError(f"--search {text!r}: expected FIELD=LOW:HIGH, "
                                "FIELD=LOW:HIGH:log or FIELD=A,B,C")
     current = config
     for part in field.split("."):
@@ -59,24 +61,24 @@ def _dimension(text: str, config, source: str) -> Dimension:
     try:
         low, high = (int(p) if kind == "int" else float(p) for p in parts[:2])
     except ValueError:
-        raise sweep.SweepError(f"--search {text!r}: the bounds must be {kind}s") from None
+        raise SweepError(f"--search {text!r}: the bounds must be {kind}s") from None
     if not low < high or (len(parts) == 3 and low <= 0):
-        raise sweep.SweepError(f"--search {text!r}: needs LOW < HIGH (and LOW > 0 for :log)")
+        raise SweepError(f"--search {text!r}: needs LOW < HIGH (and LOW > 0 for :log)")
     return Dimension(field, kind, low, high, len(parts) == 3)
 
 
 def parse_space(texts: Sequence[str], config, *, source: str,
                 base: Sequence[tuple[str, str]] = ()) -> list[Dimension]:
     """The searched fields of ``--search`` flags, each bound and choice checked as an
-    override of ``config`` after ``base`` (:func:`proxy_jax.sweep.run_config`)."""
+    override of ``config`` after ``base`` (:func:`proxy_jax.run_config`)."""
     space = [_dimension(t, config, source) for t in texts]
     fields = [d.field for d in space]
     if len(set(fields)) != len(fields) or set(fields) & {k for k, _ in base}:
-        raise sweep.SweepError("--search: a field is searched twice, or also set by --grid, "
+        raise SweepError("--search: a field is searched twice, or also set by --grid, "
                                "--group or --seeds")
     for d in space:
         for value in d.choices or (d.low, d.high):
-            sweep.run_config(config, [*base, (d.field, str(value))], source=source)
+            run_config(config, [*base, (d.field, str(value))], source=source)
     return space
 
 
@@ -94,7 +96,7 @@ def suggest(trial, space: Sequence[Dimension]) -> list[tuple[str, str]]:
     return out
 
 
-class _Stopped(Exception):
+class Stopped(Exception):
     """A trial's run stopped at a checkpoint (a signal): the search stops too."""
 
 
@@ -131,7 +133,7 @@ def run_search(config, base: Sequence[tuple[str, str]], space: Sequence[Dimensio
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     for old in study.get_trials(deepcopy=False):  # stopped or abandoned: run them again
         folder = old.user_attrs.get("workdir")
-        if old.state not in finished and folder and sweep.run_status(
+        if old.state not in finished and folder and run_status(
                 os.path.join(workdir, folder)) != "complete":
             if old.state == optuna.trial.TrialState.RUNNING:
                 study.tell(old.number, state=optuna.trial.TrialState.FAIL)
@@ -139,9 +141,9 @@ def run_search(config, base: Sequence[tuple[str, str]], space: Sequence[Dimensio
 
     def objective(trial):
         overrides = suggest(trial, space)
-        name = "_".join(sweep._folder_part(k, v) for k, v in overrides)
+        name = "_".join(folder_part(k, v) for k, v in overrides)
         trial.set_user_attr("workdir", name)
-        run_config = sweep.run_config(config, [*base, *overrides], source=source)
+        trial_config = run_config(config, [*base, *overrides], source=source)
 
         def report(evaluation):
             trial.report(evaluation["recall@1"], evaluation["step"])
@@ -149,9 +151,9 @@ def run_search(config, base: Sequence[tuple[str, str]], space: Sequence[Dimensio
                 raise optuna.TrialPruned(f"Recall@1 {evaluation['recall@1']:.4f} at step "
                                          f"{evaluation['step']} is below the median")
 
-        result = train_fn(run_config, os.path.join(workdir, name), [report])
-        if sweep.run_status(os.path.join(workdir, name)) != "complete":
-            raise _Stopped(name)
+        result = train_fn(trial_config, os.path.join(workdir, name), [report])
+        if run_status(os.path.join(workdir, name)) != "complete":
+            raise Stopped(name)
         return float(result["best"]["recall@1"])
 
     done = sum(t.state in finished for t in study.get_trials(deepcopy=False))
@@ -170,36 +172,3 @@ def write_trials(study, path: str) -> None:
             writer.writerow([t.number, t.state.name, "" if t.value is None else repr(t.value),
                              t.user_attrs.get("workdir", ""),
                              *(repr(t.params[k]) if k in t.params else "" for k in fields)])
-
-
-def main(args, runs: Sequence, configs: dict) -> int:
-    """``--search`` of ``python -m proxy_jax.sweep`` (its parsed flags and planned runs)."""
-    if len({r.group for r in runs}) != 1:
-        sweep._fail("--search takes one config and at most one --group; a --grid field may "
-                    "have one value only")
-    first = runs[0]
-    base = first.overrides
-    config = sweep._load([first.config_file])[first.config_file]
-    try:
-        space = parse_space(args.search, config, source=first.config_file, base=base)
-    except sweep.SweepError as error:
-        sweep._fail(error)
-    if args.list or args.tables or args.index is not None:
-        sweep._fail("--search runs its own trials; --list, --tables and --index are for grids")
-    try:
-        study = run_search(config, base, space, workdir=args.workdir, trials=args.trials,
-                           source=first.config_file, seed=first.seed,
-                           startup_trials=args.startup_trials)
-    except _Stopped as stopped:
-        print(f"{stopped}: stopped at a checkpoint; run the same command again to resume")
-        return 1
-    write_trials(study, os.path.join(args.workdir, "search.csv"))
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if not complete:
-        print("no trial completed (all pruned or failed); see search.csv")
-        return 1
-    best = max(complete, key=lambda t: t.value)
-    print(f"best trial {best.number}: Recall@1 {best.value:.4f} with "
-          + " ".join(f"{k}={v}" for k, v in best.params.items())
-          + f"; trials in {os.path.join(args.workdir, 'search.csv')}")
-    return 0

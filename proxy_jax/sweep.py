@@ -19,17 +19,14 @@ command skips the runs whose ``metrics.json`` says they are complete and resumes
 from their checkpoints. ``--parallel=N`` runs N at a time, each in its own process
 (``python -m proxy_jax.sweep <the same flags> --index=I``) with a share of the CPU cores, or
 one of ``--gpus`` (``CUDA_VISIBLE_DEVICES``); a Slurm job array runs one per task with
-``--index``. The tables are ``proxy_jax.results``; ``--search`` is ``proxy_jax.search``.
+``--index``. The overrides' checks are ``proxy_jax.overrides``, the tables
+``proxy_jax.results``, and ``--search`` is ``proxy_jax.search``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import copy
-import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -39,6 +36,8 @@ from typing import NamedTuple, Optional, Sequence
 import ml_collections
 
 from proxy_jax import config_utils
+from proxy_jax.overrides import (SweepError, folder_part, key_value, run_config, run_status,
+                                 split_values)
 
 __all__ = ["SweepError", "RunSpec", "split_values", "parse_grid", "parse_group", "plan_runs",
            "run_config", "check_runs", "run_status", "pending_runs", "execute", "cpu_shares",
@@ -46,10 +45,6 @@ __all__ = ["SweepError", "RunSpec", "split_values", "parse_grid", "parse_group",
 
 # The environment variable a pool's child reads its share of CPU cores from ("0,1").
 CPUS_ENV = "PROXY_JAX_SWEEP_CPUS"
-
-
-class SweepError(ValueError):
-    """A bad sweep flag or override; the message is the one line the command prints."""
 
 
 class RunSpec(NamedTuple):
@@ -74,34 +69,9 @@ class RunSpec(NamedTuple):
 
 # ------------------------------------------------------------------------ flag parsing
 
-def split_values(text: str) -> list[str]:
-    """``'0.2,0.4'`` → ``['0.2', '0.4']``; commas inside brackets stay: ``'(1,2),(4,)'`` →
-    ``['(1,2)', '(4,)']``."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += char in "([{"
-        depth -= char in ")]}"
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [p.strip() for p in parts + [current]]
-
-
-def _key_value(text: str, flag: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if key.startswith("config."):
-        key = key[len("config."):]
-    if not sep or not key:
-        raise SweepError(f"{flag} {text!r}: expected FIELD=VALUE (e.g. loss.scale=16)")
-    return key, value.strip()
-
-
 def parse_grid(text: str) -> tuple[str, list[str]]:
     """``'regularizer.ps_alpha=0.2,0.4'`` → ``('regularizer.ps_alpha', ['0.2', '0.4'])``."""
-    key, values = _key_value(text, "--grid")
+    key, values = key_value(text, "--grid")
     values = split_values(values)  # '' is a value (e.g. regularizer.name= for none)
     if len(set(values)) != len(values):
         raise SweepError(f"--grid {text!r}: a value is repeated")
@@ -115,7 +85,7 @@ def parse_group(text: str) -> tuple[str, tuple]:
     name = name.strip()
     if not sep or not name:
         raise SweepError(f"--group {text!r}: expected NAME:FIELD=VALUE FIELD=VALUE …")
-    return name, tuple(_key_value(item, "--group") for item in rest.split())
+    return name, tuple(key_value(item, "--group") for item in rest.split())
 
 
 def _seeds(text: Optional[str]) -> Optional[list[int]]:
@@ -128,11 +98,6 @@ def _seeds(text: Optional[str]) -> Optional[list[int]]:
     if len(set(seeds)) != len(seeds):
         raise SweepError(f"--seeds {text!r}: a seed is repeated")
     return seeds
-
-
-def _folder_part(key: str, value: str) -> str:
-    """``key=value`` with anything but letters, digits and ``._+=-`` made ``-``."""
-    return re.sub(r"[^A-Za-z0-9._+=-]", "-", f"{key}={value}")
 
 
 # ---------------------------------------------------------------------------- planning
@@ -176,12 +141,12 @@ def plan_runs(config_files: Sequence[str], names: Sequence[str], *, seeds: Seque
             for combo in combos:
                 parts, labels = [], []  # folder name parts; the group's label in tables
                 if len(config_files) > 1:
-                    parts.append(_folder_part("config", config_name))
+                    parts.append(folder_part("config", config_name))
                     labels.append(config_name)
                 if len(groups) > 1:
-                    parts.append(_folder_part("group", group_name))
+                    parts.append(folder_part("group", group_name))
                     labels.append(group_name)
-                varied = [_folder_part(k, v) for k, v in combo if len(dict(grid)[k]) > 1]
+                varied = [folder_part(k, v) for k, v in combo if len(dict(grid)[k]) > 1]
                 parts += varied
                 group = "_".join(labels + varied) or config_name
                 for seed in seeds:
@@ -196,65 +161,6 @@ def plan_runs(config_files: Sequence[str], names: Sequence[str], *, seeds: Seque
 
 # --------------------------------------------------------------------- values, checks
 
-def _parse_value(current, text: str, path: str):
-    """``text`` as the type of the field's ``current`` value (what ``--config.x=`` gives)."""
-    def bad(what):
-        return SweepError(f"config.{path}={text}: not {what} (the field holds {current!r})")
-
-    if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise bad("a bool (true or false)")
-        return text.lower() in ("true", "1")
-    if isinstance(current, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise bad("an int") from None
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise bad("a float") from None
-    if isinstance(current, (tuple, list)):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise bad("a tuple, e.g. (1,2,4)") from None
-        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    return text
-
-
-def run_config(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]], *,
-               source: str) -> ml_collections.ConfigDict:
-    """A copy of the locked ``config`` with ``overrides`` applied and validated.
-
-    Raises:
-      SweepError: naming the override: an unknown field (with the closest fields), a value
-        that is not of the field's type, or a value ``config_utils.validate`` refuses.
-    """
-    config = copy.deepcopy(config)
-    for path, text in overrides:
-        message = config_utils.unknown_field_message(config, path, source=source)
-        if message is not None:
-            raise SweepError(message)
-        current = config
-        for part in path.split("."):
-            current = current[part]
-        if isinstance(current, ml_collections.ConfigDict):
-            raise SweepError(f"config.{path} is a section, not a field; set its fields")
-        value = _parse_value(current, text, path)
-        try:
-            config.update_from_flattened_dict({path: value})
-        except (TypeError, ValueError, KeyError) as error:
-            raise SweepError(f"config.{path}={text}: {error}") from None
-    try:
-        config_utils.validate(config)
-    except ValueError as error:
-        changed = " ".join(f"{k}={v}" for k, v in overrides)
-        raise SweepError(f"{error} (with {changed})") from None
-    return config
-
-
 def check_runs(runs: Sequence[RunSpec], configs: dict) -> dict:
     """``{run name: its config}``, every run checked (:func:`run_config`) before any starts.
 
@@ -263,21 +169,6 @@ def check_runs(runs: Sequence[RunSpec], configs: dict) -> dict:
     """
     return {r.name: run_config(configs[r.config_file], r.overrides, source=r.config_file)
             for r in runs}
-
-
-def run_status(workdir: str) -> str:
-    """``'complete'`` (``metrics.json`` has reached its ``total_steps``), ``'started'`` (a
-    checkpoint to resume from, or an incomplete ``metrics.json``) or ``'new'``."""
-    from proxy_jax import checkpoints
-
-    try:
-        with open(os.path.join(workdir, "metrics.json")) as f:
-            metrics = json.load(f)
-        if metrics.get("step", -1) >= metrics.get("total_steps", float("inf")):
-            return "complete"
-    except (OSError, ValueError):
-        pass
-    return "started" if checkpoints.has_checkpoint(workdir) else "new"
 
 
 # --------------------------------------------------------------------------- running
@@ -501,11 +392,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         runs, configs = plan_from_flags(args)
         if args.search:
-            from proxy_jax import search
-
             if not args.list and not args.tables:
                 _prepare_process()
-            return search.main(args, runs, configs)
+            return _search(args, runs)
         if args.list:
             for i, run in enumerate(runs):
                 print(f"{i}\t{run_status(os.path.join(args.workdir, run.name))}\t{run.name}")
@@ -540,6 +429,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"not complete: {', '.join(unfinished)}", file=sys.stderr)
         return 1
     return code
+
+
+def _search(args, runs: Sequence[RunSpec]) -> int:
+    """``--search``: an Optuna study (``proxy_jax.search``) over the one group of ``runs``."""
+    from proxy_jax import search
+
+    if len({r.group for r in runs}) != 1:
+        _fail("--search takes one config and at most one --group; a --grid field may "
+              "have one value only")
+    first = runs[0]
+    base = first.overrides
+    config = _load([first.config_file])[first.config_file]
+    try:
+        space = search.parse_space(args.search, config, source=first.config_file, base=base)
+    except SweepError as error:
+        _fail(error)
+    if args.list or args.tables or args.index is not None:
+        _fail("--search runs its own trials; --list, --tables and --index are for grids")
+    try:
+        study = search.run_search(config, base, space, workdir=args.workdir,
+                                  trials=args.trials, source=first.config_file, seed=first.seed,
+                                  startup_trials=args.startup_trials)
+    except search.Stopped as stopped:
+        print(f"{stopped}: stopped at a checkpoint; run the same command again to resume")
+        return 1
+    search.write_trials(study, os.path.join(args.workdir, "search.csv"))
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not complete:
+        print("no trial completed (all pruned or failed); see search.csv")
+        return 1
+    best = max(complete, key=lambda t: t.value)
+    print(f"best trial {best.number}: Recall@1 {best.value:.4f} with "
+          + " ".join(f"{k}={v}" for k, v in best.params.items())
+          + f"; trials in {os.path.join(args.workdir, 'search.csv')}")
+    return 0
 
 
 def _without_flag(argv: Sequence[str], flag: str) -> list[str]:
