@@ -68,8 +68,12 @@ def network_variables(state) -> dict:
 
 
 def evaluate(embed_fn: Callable, state, data, config, mesh: Mesh,
-             *, workdir: Optional[str] = None, tag: str = "") -> dict:
+             *, workdir: Optional[str] = None, tag: str = "", step: Optional[int] = None) -> dict:
     """Retrieval (and optionally clustering) metrics of the test set; pictures if workdir.
+
+    The pictures are ``retrieval{tag}_step{step}.png`` and ``embedding_map{tag}_step{step}.png``
+    (one pair per evaluation; without ``step``, ``retrieval{tag}.png`` …), titled with the
+    config's name, the step and the test Recall@1.
 
     ``data``: a :class:`~proxy_jax.data.splits.Splits`; ``test`` holds the queries,
     ``gallery`` None means all-vs-all.
@@ -84,6 +88,10 @@ def evaluate(embed_fn: Callable, state, data, config, mesh: Mesh,
     gallery = gallery_y = None
     if data.gallery is not None:
         gallery, gallery_y = embed_dataset(embed_fn, variables, data.gallery, config, mesh)
+    train_part = None
+    if workdir is not None and config.eval.map_points > 0:  # training classes for the map
+        train_part = embed_dataset(embed_fn, variables, _class_subset(
+            data.train, visualize.MAP_CLASSES, config.seed), config, mesh)
     metrics = None
     if multihost.is_primary():  # computed once; every process holds all the embeddings
         metrics = evaluation.retrieval_metrics(query, query_y, ks=tuple(config.eval.ks),
@@ -96,25 +104,41 @@ def evaluate(embed_fn: Callable, state, data, config, mesh: Mesh,
             metrics.update(evaluation.clustering_metrics(query, query_y, seed=config.seed))
         metrics = {k: float(v) for k, v in metrics.items()}
         if workdir is not None:
-            _save_pictures(workdir, tag, query, query_y, gallery, gallery_y, data, config)
+            suffix = tag if step is None else f"{tag}_step{step}"
+            title = (f"{config.name}{tag.replace('_', ' ')}"
+                     + ("" if step is None else f", step {step}")
+                     + f": test Recall@1 {100 * metrics['recall@1']:.1f}%")
+            _save_pictures(workdir, suffix, title, query, query_y, gallery, gallery_y, data,
+                           config, train_part)
     return multihost.broadcast_json(metrics)
 
 
-def _save_pictures(workdir, tag, query, query_y, gallery, gallery_y, data, config) -> None:
+def _class_subset(dataset, num_classes: int, seed: int) -> datasets.ClassSubset:
+    """``num_classes`` classes of ``dataset`` drawn with ``seed`` (all their images)."""
+    classes = np.unique(datasets.dataset_labels(dataset))
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(classes, min(num_classes, len(classes)), replace=False))
+    return datasets.ClassSubset(dataset, picked.tolist())
+
+
+def _save_pictures(workdir, suffix, title, query, query_y, gallery, gallery_y, data, config,
+                   train_part) -> None:
     def loader(dataset):
         return lambda i: dataset[i][0]
 
     if config.eval.num_queries > 0:
         visualize.save_retrieval_grid(
-            os.path.join(workdir, f"retrieval{tag}.png"), query, query_y, loader(data.test),
+            os.path.join(workdir, f"retrieval{suffix}.png"), query, query_y, loader(data.test),
             num_queries=config.eval.num_queries, k=config.eval.top_k, seed=config.seed,
             gallery_embeddings=gallery, gallery_labels=gallery_y,
-            load_gallery_image=loader(data.gallery) if data.gallery is not None else None)
+            load_gallery_image=loader(data.gallery) if data.gallery is not None else None,
+            title=title)
     if config.eval.map_points > 0:
         visualize.save_embedding_map(
-            os.path.join(workdir, f"embedding_map{tag}.png"), query, query_y,
-            max_points=config.eval.map_points, seed=config.seed,
-            title=f"{config.name}: test embeddings (PCA){tag.replace('_', ' ')}")
+            os.path.join(workdir, f"embedding_map{suffix}.png"), query, query_y,
+            max_points=config.eval.map_points, seed=config.seed, title=title,
+            train_embeddings=train_part[0], train_labels=train_part[1],
+            class_names=getattr(data.test, "classes", None))
 
 
 def images_under(folder: str) -> tuple[list[tuple[str, int]], list[str]]:

@@ -263,15 +263,26 @@ def _best_of(record: dict) -> dict:
     return {"step": None, "epoch": None, "recall@1": recall} if recall >= 0 else {}
 
 
-def _record(run: Run, state: TrainState, *, loader_state, best_eval: dict,
+def _history_of(record: dict, step: int) -> list:
+    """The evaluations a checkpoint record holds, up to its ``step`` (:func:`_evaluation`'s
+    form, in order); records written before the history was kept give their best only."""
+    if "evaluations" in record:
+        return [dict(e) for e in record["evaluations"] if e["step"] <= step]
+    best = _best_of(record)
+    return [best] if best.get("step") is not None else []
+
+
+def _record(run: Run, state: TrainState, *, loader_state, best_eval: dict, history: list,
             metrics: dict, metrics_step: Optional[int]) -> dict:
     """The JSON record saved beside the state; ``metrics`` are those of ``metrics_step``,
-    ``best_eval`` the evaluation with the highest Recall@1 so far (:func:`_evaluation`)."""
+    ``best_eval`` the evaluation with the highest Recall@1 so far and ``history`` every
+    evaluation so far (:func:`_evaluation`)."""
     c = run.config
     return {
         "step": int(jax.device_get(state.step)),
         "loader": checkpoints.loader_state_to_json(loader_state),
         "best_evaluation": best_eval,
+        "evaluations": history,
         "metrics": metrics,
         "metrics_step": metrics_step,
         "format": CHECKPOINT_FORMAT,
@@ -284,18 +295,23 @@ def _record(run: Run, state: TrainState, *, loader_state, best_eval: dict,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       hooks: Iterable[Callable[[int, TrainState], None]] = ()) -> dict:
+                       hooks: Iterable[Callable[[int, TrainState], None]] = (),
+                       evaluation_hooks: Iterable[Callable[[dict], None]] = ()) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its checkpoint) and evaluates it.
 
     Writes ``workdir/checkpoints/{latest,best}``, TensorBoard events, ``metrics.json`` (the
-    last evaluation, its ``step`` and ``epoch``, and under ``best`` the evaluation with the
-    highest Recall@1, which is what the papers publish) and, at each evaluation,
-    ``retrieval.png`` and ``embedding_map.png``.
+    last evaluation, its ``step`` and ``epoch``, ``total_steps`` (the run is complete when
+    ``step`` reaches it), under ``best`` the evaluation with the highest Recall@1, which is
+    what the papers publish, and under ``history`` every evaluation in order) and, at each
+    evaluation, the pictures ``retrieval_step<N>.png`` and ``embedding_map_step<N>.png``.
 
     Args:
       config: see ``proxy_jax.config_utils``; ``config.method`` says how a batch is trained.
       workdir: the run's folder.
       hooks: called as ``hook(step, state)`` after every step (e.g. profiling, tests).
+      evaluation_hooks: called as ``hook(evaluation)`` after every evaluation has been saved,
+        with ``{'step', 'epoch', **metrics}`` (e.g. a hyper-parameter search reporting it; an
+        exception raised there, such as a pruned trial, ends the run, its checkpoint kept).
 
     Returns:
       The metrics of the last evaluation, with ``step`` (reached), ``metrics_step`` (of the
@@ -315,6 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer = checkpoints.Checkpointer(workdir)
     state = run.state
     best_eval: dict = {}  # the evaluation with the highest Recall@1 (see _evaluation)
+    history: list = []  # every evaluation so far, in order (see _evaluation)
     loader_state = None
     last_metrics: dict = {}
     metrics_step: Optional[int] = None  # the step last_metrics were measured at
@@ -336,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state, record = parallel.replicate(restored.state, run.mesh), restored.record
         loader_state = checkpoints.loader_state_from_json(record["loader"])
         best_eval = _best_of(record)
+        history = _history_of(record, record["step"])
         last_metrics = dict(record.get("metrics") or {})
         metrics_step = record.get("metrics_step", record["step"] if last_metrics else None)
         logging.info("resumed from %s at step %d", restored.path, record["step"])
@@ -387,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     def save(*, best=False):
         rec = _record(run, state, loader_state=loader.get_state(), best_eval=best_eval,
-                      metrics=last_metrics, metrics_step=metrics_step)
+                      history=history, metrics=last_metrics, metrics_step=metrics_step)
         checkpointer.save(state, rec, best=best)
 
     try:
@@ -429,21 +447,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                  scalars["train/images_per_sec"], _format_eta(eta))
                 if evaluate_now:
                     last_metrics = inference.evaluate(embed_fn, state, run.data, config, run.mesh,
-                                            workdir=workdir)
+                                                      workdir=workdir, step=step)
                     metrics_step = step
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in last_metrics.items()})
                     logging.info("step %d eval %s", step,
                                  ", ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()))
+                    evaluation = _evaluation(run, step, last_metrics)
+                    history.append(evaluation)
                     improved = last_metrics["recall@1"] > best_eval.get("recall@1", -1.0)
                     if improved:
-                        best_eval = _evaluation(run, step, last_metrics)
+                        best_eval = evaluation
                     save()
                     if improved:
                         save(best=True)
                     if primary:
-                        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-                            json.dump({**_evaluation(run, step, last_metrics), "best": best_eval}, f,
-                                      indent=2)
+                        _write_metrics(workdir, evaluation, total_steps=run.total_steps,
+                                       best=best_eval, history=history)
+                    for hook in evaluation_hooks:
+                        hook(dict(evaluation))
                 elif (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) \
                         or stopping:
                     check_pending()
@@ -460,6 +481,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if close is not None:
             close()
     return _result(step, metrics_step, last_metrics, best_eval)
+
+
+def _write_metrics(workdir: str, evaluation: dict, *, total_steps: int, best: dict,
+                   history: list) -> None:
+    """``workdir/metrics.json``: the last evaluation, ``total_steps``, ``best``, ``history``.
+
+    Written to a temporary file and renamed, so a reader (a sweep's table) never sees half.
+    """
+    path = os.path.join(workdir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({**evaluation, "total_steps": total_steps, "best": best, "history": history},
+                  f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _result(step: int, metrics_step: Optional[int], metrics: dict, best_eval: dict) -> dict:
@@ -491,7 +525,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
     """Evaluates the best (else the latest) checkpoint of ``workdir``; writes the pictures."""
     run, state, record = _restore_for_inference(config, workdir, best=best)
     metrics = inference.evaluate(inference.make_embed_fn(run.model, run.mesh), state, run.data, config, run.mesh,
-                       workdir=workdir, tag="_eval")
+                       workdir=workdir, tag="_eval", step=record["step"])
     logging.info("checkpoint step %d: %s", record["step"],
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return {"step": record["step"], **metrics}

@@ -46,7 +46,9 @@ def test_train_writes_checkpoints_events_pictures_metrics(trained):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == ["2", "3"]
     assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-    for name in ("retrieval.png", "embedding_map.png"):
+    # One pair of pictures per evaluation (steps 2 and 3), none overwritten.
+    for name in ("retrieval_step2.png", "embedding_map_step2.png", "retrieval_step3.png",
+                 "embedding_map_step3.png"):
         with Image.open(os.path.join(workdir, name)) as image:
             assert image.format == "PNG" and min(image.size) > 50
     with open(os.path.join(workdir, "metrics.json")) as f:
@@ -79,7 +81,11 @@ def test_metrics_json_has_the_best_evaluation_and_its_epoch(trained):
     assert best["recall@1"] == pytest.approx(evaluations[first_best], abs=5e-5)
     assert {"recall@1", "recall@8", "r_precision", "map@r"} <= set(best)
     if first_best == 3:
-        assert best == {k: v for k, v in metrics.items() if k != "best"}
+        assert best == {k: v for k, v in metrics.items()
+                        if k not in ("best", "history", "total_steps")}
+    # Every evaluation in order, and the step count that makes the run complete.
+    assert [e["step"] for e in metrics["history"]] == [2, 3] and metrics["total_steps"] == 3
+    assert best in metrics["history"]
 
 
 def test_rerun_of_a_finished_run_says_so(trained, tiny_root):
@@ -126,7 +132,7 @@ def test_evaluate_and_embed_modes_read_the_checkpoint(trained, tiny_root, tmp_pa
     metrics = train.evaluate_checkpoint(config, workdir)
     assert metrics["step"] == trained_metrics["step"]
     assert metrics["recall@1"] == pytest.approx(trained_metrics["recall@1"])
-    assert os.path.exists(os.path.join(workdir, "retrieval_eval.png"))
+    assert os.path.exists(os.path.join(workdir, f"retrieval_eval_step{metrics['step']}.png"))
 
     output = str(tmp_path / "emb.npz")
     info = train.embed_folder(config, workdir, os.path.join(tiny_root, "test"), output)

@@ -154,7 +154,8 @@ def _commands(code):
     joined = re.sub(r"\\\n", " ", code)
     commands = []
     for line in joined.splitlines():
-        tokens = shlex.split(line, comments=True)
+        tokens = [re.sub(r"\$\{?(\w+)\}?", lambda m: SHELL_VARIABLES.get(m[1], m[0]), t)
+                  for t in shlex.split(line, comments=True)]
         command = []
         for token in tokens + ["&&"]:
             if token in ("&&", ";", "||"):
@@ -252,7 +253,11 @@ def _check_module_command(module, args, monkeypatch):
 NOT_CHECKED = {
     "python3": "creates the virtual environment",
     "tensorboard": "a separate tool",
+    "sbatch": "Slurm's submit command (the script it submits is its own block)",
 }
+
+# Shell variables the commands use, set as the launcher would.
+SHELL_VARIABLES = {"SLURM_ARRAY_TASK_ID": "0"}
 
 BASH_BLOCKS = _blocks("bash")
 
@@ -263,6 +268,9 @@ def test_bash_block_commands_name_what_exists(line, code, monkeypatch):
     for command in _commands(code):
         if command[0] == "srun":        # Slurm's launcher: the rest is the command
             command = command[1:]
+        wrapped = [t[len("--wrap="):] for t in command if t.startswith("--wrap=")]
+        if command[0] == "sbatch" and wrapped:  # Slurm's submit of a command line
+            command = shlex.split(wrapped[0])
         program = os.path.basename(command[0])
         if program in ("pip", "pip3"):
             for i, token in enumerate(command):
