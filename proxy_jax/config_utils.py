@@ -47,8 +47,12 @@ quote the seeds' own 1-based flags):
   epoch is the full batches; False: also the partial last one, padded to ``batch_size``
   with masked rows, as torch's DataLoader without ``drop_last`` in the Proxy Synthesis,
   MemVir and SoftTriple code; needs method 'proxy' and frozen BatchNorm).
-* ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim``, ``pooling``
-  ('gap', 'gmp', 'gap+gmp'), ``l2_normalize``, ``freeze_bn``, ``bn_momentum`` and
+* ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim`` (0: no
+  linear layer, the embeddings are the pooled features), ``pooling`` ('gap', 'gmp',
+  'gap+gmp' for a CNN; 'cls', 'mean', 'cls+mean' for a ViT, see
+  ``proxy_jax.models.token_pool``), ``drop_path_rate`` (a ViT's stochastic depth, the
+  last block's rate, growing linearly from 0; drawn from its own 'drop_path' stream),
+  ``l2_normalize``, ``freeze_bn``, ``bn_momentum`` and
   ``bn_running_var`` (when BatchNorm trains: torch's momentum, the weight of the new batch
   in the running statistics, and 'unbiased' (torch) or 'biased' (MXNet) batch variance in
   them; see ``proxy_jax.models.layers.BatchNormRule``), ``pretrained`` (a file
@@ -102,7 +106,6 @@ from proxy_jax.data.splits import DATASETS
 __all__ = ["base_config", "validate", "load_config_file", "field_paths",
            "unknown_field_message"]
 
-_POOLINGS = ("gap", "gmp", "gap+gmp")
 _DTYPES = ("float32", "bfloat16")
 _BN_RUNNING_VARS = ("unbiased", "biased")
 _OPTIMIZERS = ("adam", "adamw")
@@ -167,6 +170,7 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.embedding_init = "torch_default"
     c.model.freeze_bn_affine = False
+    c.model.drop_path_rate = 0.0
 
     c.loss = _merged("loss", objective.LOSS_FIELDS, objective.LOSSES)
     c.regularizer = _merged("regularizer", {"name": ""}, objective.REGULARIZERS)
@@ -233,7 +237,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("data.train_augment", c.data.train_augment, transforms.TRAIN_AUGMENTS)
     _one_of("data.eval_resize_mode", c.data.eval_resize_mode, transforms.EVAL_RESIZE_MODES)
     _one_of("data.sampler", c.data.sampler, samplers.SAMPLERS)
-    _one_of("model.pooling", c.model.pooling, _POOLINGS)
     _one_of("model.dtype", c.model.dtype, _DTYPES)
     _one_of("model.bn_running_var", c.model.bn_running_var, _BN_RUNNING_VARS)
     if not 0 < c.model.bn_momentum <= 1:
@@ -248,7 +251,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("loss.reduction", c.loss.reduction, _REDUCTIONS)
     if c.loss.name == "hphn_triplet":
         _one_of("loss.tie_gradient", c.loss.tie_gradient, losses.TIE_GRADIENTS)
-    models.get_backbone(c.model.backbone)
+    spec = models.get_backbone(c.model.backbone)
+    _one_of("model.pooling", c.model.pooling,
+            models.TOKEN_POOLINGS if spec.is_transformer else models.POOLINGS)
+    if not 0 <= c.model.drop_path_rate < 1 or (c.model.drop_path_rate > 0
+                                                and not spec.is_transformer):
+        raise ValueError(f"config.model.drop_path_rate must lie in [0, 1) and be 0 for the "
+                         f"CNN {c.model.backbone!r}, got {c.model.drop_path_rate}")
     if c.data.dataset not in ("embedded", "tfds") and not c.data.root:
         raise ValueError(f"config.data.root must name the {c.data.dataset} folder, got ''")
     if c.data.dataset == "tfds" and not c.data.tfds_name:
@@ -256,14 +265,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "config.data.dataset='tfds'")
     _at_least(c, ("num_epochs", "log_every_steps", "data.input_size", "data.resize",
                   "data.batch_size", "data.n_instance", "data.eval_batch_size",
-                  "model.embedding_dim", "eval.every_epochs", "eval.top_k",
+                  "eval.every_epochs", "eval.top_k",
                   "optimizer.decay_step", "loss.centers_per_class"), 1)
     _at_least(c, ("steps_per_epoch", "num_train_steps", "num_devices"), 1, allow_minus_one=True)
     _at_least(c, ("checkpoint_every_steps", "data.num_workers", "optimizer.warmup_epochs",
                   "optimizer.weight_decay", "optimizer.grad_clip_value",
                   "optimizer.grad_clip_norm", "optimizer.backbone_lr", "optimizer.embedding_lr",
                   "optimizer.proxy_lr", "eval.num_queries", "eval.map_points",
-                  "regularizer.memvir_warm_epochs"), 0)
+                  "regularizer.memvir_warm_epochs", "model.embedding_dim"), 0)
     if not c.data.drop_last and c.method != "proxy":
         raise ValueError(f"config.data.drop_last=False (a padded, masked last batch) is only "
                          f"supported by method 'proxy', got method {c.method!r}")

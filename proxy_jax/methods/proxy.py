@@ -20,8 +20,8 @@ import optax
 from jax.sharding import NamedSharding
 
 from proxy_jax import models, objective as objective_lib, optim
-from proxy_jax.methods.base import (Method, Plan, TrainState, forward_global, init_network,
-                                    network_params)
+from proxy_jax.methods.base import (Method, Plan, TrainState, embedding_width, forward_global,
+                                    init_network, network_params)
 
 __all__ = ["METHOD", "train_step", "optimizer_groups"]
 
@@ -62,7 +62,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     def loss_fn(params):
         embeddings, batch_stats = forward_global(model, network_params(params),
                                                  state.batch_stats, batch["image"],
-                                                 freeze_bn=freeze_bn, replicated=replicated)
+                                                 freeze_bn=freeze_bn, replicated=replicated,
+                                                 key=key)
         loss, extra = objective.loss_fn(embeddings, batch["label"], params.get("proxies"),
                                         key=key, extra=state.extra, epoch=epoch,
                                         sample_mask=batch.get("mask"))
@@ -93,7 +94,7 @@ def _setup(config: ml_collections.ConfigDict, model, *, num_classes: int,
     params = dict(variables["params"])
     if objective.uses_proxies:
         params["proxies"] = objective_lib.init_proxies(
-            k_proxies, num_rows=objective.num_proxy_rows, dim=config.model.embedding_dim,
+            k_proxies, num_rows=objective.num_proxy_rows, dim=embedding_width(config),
             init=config.loss.proxy_init, fan=config.loss.proxy_init_fan)
     groups = optimizer_groups(config, steps_per_epoch=steps_per_epoch,
                               uses_proxies=objective.uses_proxies)
