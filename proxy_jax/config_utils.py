@@ -82,7 +82,13 @@ quote the seeds' own 1-based flags):
   ``proxy_jax.optim.SCHEDULES``) with ``decay_rate``, ``decay_step``, ``decay_stop``,
   ``decay_epochs``; ``warmup_epochs`` (the backbone receives no update, and its optimizer
   state does not advance, for that many epochs); ``grad_clip_value`` (element-wise, as
-  ``torch.nn.utils.clip_grad_value_``; 0 = off), ``grad_clip_norm`` (global norm; 0 = off).
+  ``torch.nn.utils.clip_grad_value_``; 0 = off), ``grad_clip_norm`` (global norm; 0 = off);
+  for schedule 'warmup_cosine': ``lr_warmup_epochs`` (linear warm-up of the learning rate
+  from 0; not the backbone freeze of ``warmup_epochs``), ``cosine_epochs`` (where the
+  cosine ends, warm-up included) and ``final_lr_ratio``; ``layer_decay`` (a ViT's
+  layer-wise learning-rate decay, ``proxy_jax.optim.layer_decay_scales``; 1 = off) and
+  ``freeze_patch_embed_epochs`` (a ViT's patch embedding receives no update for that many
+  epochs); these two need method 'proxy'.
 * ``eval``: ``every_epochs``, ``ks`` (Recall@K), ``nmi`` (also compute NMI/F1), ``ap_at``
   (K > 0: also the average precision within the top K, DADA's In-shop "MAP"),
   ``num_queries`` and ``top_k`` of the retrieval picture, ``map_points`` (points in the
@@ -190,6 +196,11 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.optimizer.warmup_epochs = 0
     c.optimizer.grad_clip_value = 0.0
     c.optimizer.grad_clip_norm = 0.0
+    c.optimizer.lr_warmup_epochs = 0
+    c.optimizer.cosine_epochs = 0
+    c.optimizer.final_lr_ratio = 0.0
+    c.optimizer.layer_decay = 1.0
+    c.optimizer.freeze_patch_embed_epochs = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_epochs = 1
@@ -273,6 +284,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "optimizer.grad_clip_norm", "optimizer.backbone_lr", "optimizer.embedding_lr",
                   "optimizer.proxy_lr", "eval.num_queries", "eval.map_points",
                   "regularizer.memvir_warm_epochs", "model.embedding_dim"), 0)
+    _check_vit_optimizer(c, spec)
     if not c.data.drop_last and c.method != "proxy":
         raise ValueError(f"config.data.drop_last=False (a padded, masked last batch) is only "
                          f"supported by method 'proxy', got method {c.method!r}")
@@ -297,6 +309,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"config.data.resize ({c.data.resize}): the test crop is taken from "
                          "the resized image")
     method.validate(c)
+
+
+def _check_vit_optimizer(c, spec) -> None:
+    """The ViT training fields of ``config.optimizer``: ranges, and what they need."""
+    o = c.optimizer
+    _at_least(c, ("optimizer.lr_warmup_epochs", "optimizer.cosine_epochs",
+                  "optimizer.freeze_patch_embed_epochs"), 0)
+    if o.schedule == "warmup_cosine" and not o.lr_warmup_epochs < o.cosine_epochs:
+        raise ValueError(f"config.optimizer.cosine_epochs ({o.cosine_epochs}) must exceed "
+                         f"config.optimizer.lr_warmup_epochs ({o.lr_warmup_epochs}) with "
+                         "schedule 'warmup_cosine'")
+    if not 0 <= o.final_lr_ratio <= 1:
+        raise ValueError(f"config.optimizer.final_lr_ratio must lie in [0, 1], got "
+                         f"{o.final_lr_ratio}")
+    if not 0 < o.layer_decay <= 1:
+        raise ValueError(f"config.optimizer.layer_decay must lie in (0, 1] (1: off), got "
+                         f"{o.layer_decay}")
+    for field, active in (("layer_decay", o.layer_decay < 1),
+                          ("freeze_patch_embed_epochs", o.freeze_patch_embed_epochs > 0)):
+        if active and not spec.is_transformer:
+            raise ValueError(f"config.optimizer.{field} needs a ViT backbone, got "
+                             f"{c.model.backbone!r}")
+        if active and c.method != "proxy":
+            raise ValueError(f"config.optimizer.{field} is only supported by method 'proxy', "
+                             f"got method {c.method!r}")
 
 
 def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -27,18 +27,26 @@ def _one_step(config):
     return run, before, state, metrics
 
 
-@pytest.mark.parametrize("base, pooling, embedding_dim, drop_path", [
-    ("cars196_ps_norm_softmax", "cls", 8, 0.0),
-    ("cars196_memvir_norm_softmax", "mean", 0, 0.1),
-    ("cars196_ee_hphn_triplet", "cls+mean", 8, 0.1),
-    ("dada_cars196", "cls", 0, 0.1),
+# The ViT optimizer of the recipes: AdamW, warm-up + cosine, layer decay, clip, patch freeze.
+_VIT_OPTIMIZER = {"optimizer.name": "adamw", "optimizer.schedule": "warmup_cosine",
+                  "optimizer.lr_warmup_epochs": 0, "optimizer.cosine_epochs": 3,
+                  "optimizer.layer_decay": 0.75, "optimizer.grad_clip_norm": 3.0,
+                  "optimizer.freeze_patch_embed_epochs": 1}
+
+
+@pytest.mark.parametrize("base, pooling, embedding_dim, drop_path, extra", [
+    ("cars196_ps_norm_softmax", "cls", 8, 0.0, {}),
+    ("cars196_ps_norm_softmax", "cls", 0, 0.1, _VIT_OPTIMIZER),
+    ("cars196_memvir_norm_softmax", "mean", 0, 0.1, {}),
+    ("cars196_ee_hphn_triplet", "cls+mean", 8, 0.1, {}),
+    ("dada_cars196", "cls", 0, 0.1, {}),
 ])
-def test_tiny_vit_trains_one_step(base, pooling, embedding_dim, drop_path, tiny_root,
+def test_tiny_vit_trains_one_step(base, pooling, embedding_dim, drop_path, extra, tiny_root,
                                   tiny_config):
     config = tiny_config(tiny_root, base=base, **{
         "model.backbone": "vit_tiny_test", "model.pooling": pooling,
         "model.embedding_dim": embedding_dim, "model.drop_path_rate": drop_path,
-        "num_devices": 1})
+        "num_devices": 1, **extra})
     config.data.n_instance = min(config.data.n_instance, 2)
     run, before, state, metrics = _one_step(config)
     assert np.isfinite(float(metrics["loss"]))
@@ -49,4 +57,6 @@ def test_tiny_vit_trains_one_step(base, pooling, embedding_dim, drop_path, tiny_
     assert ("embedding" in before) == (embedding_dim > 0)
     moved = jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before, state.params)
     if config.optimizer.warmup_epochs == 0 and config.method == "proxy":
-        assert any(jax.tree.leaves(moved["backbone"]))
+        assert any(jax.tree.leaves(moved["backbone"]["blocks"]))
+        frozen = config.optimizer.freeze_patch_embed_epochs > 0
+        assert any(jax.tree.leaves(moved["backbone"]["patch_embed"])) != frozen
