@@ -367,10 +367,10 @@ def test_embedding_inits_follow_the_official_code():
 def test_create_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match="backbone must be one of"):
         create_model(backbone="vgg16", embedding_dim=8)
-    with pytest.raises(ValueError, match="pooling must be one of"):
+    with pytest.raises(ValueError, match=r"pooling of 'tiny_cnn' \(a CNN\) must be one of"):
         create_model(backbone="tiny_cnn", embedding_dim=8, pooling="avg")
-    with pytest.raises(ValueError, match="embedding_dim must be a positive int"):
-        create_model(backbone="tiny_cnn", embedding_dim=0)
+    with pytest.raises(ValueError, match="embedding_dim must be an int >= 0"):
+        create_model(backbone="tiny_cnn", embedding_dim=-1)
     with pytest.raises(ValueError, match="embedding_init must be one of"):
         create_model(backbone="tiny_cnn", embedding_dim=8, embedding_init="glorot")
 
