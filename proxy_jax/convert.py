@@ -41,8 +41,8 @@ the class token taking its position entry, since timm's register models give pos
 entries to patches only). A position table stored for another patch grid (weights for
 384², say) is resampled to the backbone's grid as timm does when it loads them
 (:func:`proxy_jax.models.vit.resample_pos_embed`). A DeiT release file's ``{'model': …}``
-wrapper is unwrapped. Anything else that does not map -- missing, unexpected or wrongly shaped -- is an error
-that lists it.
+wrapper is unwrapped. Anything else that does not map -- missing, unexpected or wrongly
+shaped -- is an error that lists it.
 """
 import argparse
 import sys

@@ -22,7 +22,7 @@ bicubically with antialiasing (:func:`resample_pos_embed`, timm's
 ``resample_abs_pos_embed``), the class entry untouched.
 """
 from functools import partial
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -111,26 +111,33 @@ class _Mlp(nn.Module):
         return dense(x.shape[-1], name="fc2")(y)
 
 
-class _Block(nn.Module):
-    """One pre-norm transformer block on [B, T, C]."""
+class _BlockShape(NamedTuple):
+    """What every block of a ViT shares."""
 
     num_heads: int
     mlp_ratio: float
-    layer_scale: Optional[float]
-    drop_path_rate: float
+    layer_scale: Optional[float]  # initial LayerScale value; None: no LayerScale
     dtype: Any
+
+
+class _Block(nn.Module):
+    """One pre-norm transformer block on [B, T, C]."""
+
+    shape: _BlockShape
+    drop_path_rate: float
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        norm = partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32)
+        s = self.shape
+        norm = partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=s.dtype, param_dtype=jnp.float32)
         branches = (
-            ("1", lambda y: _Attention(self.num_heads, self.dtype, name="attn")(y)),
-            ("2", lambda y: _Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(y)),
+            ("1", lambda y: _Attention(s.num_heads, s.dtype, name="attn")(y)),
+            ("2", lambda y: _Mlp(int(x.shape[-1] * s.mlp_ratio), s.dtype, name="mlp")(y)),
         )
         for index, branch in branches:
             y = branch(norm(name=f"norm{index}")(x))
-            if self.layer_scale is not None:
-                y = _LayerScale(self.layer_scale, self.dtype, name=f"ls{index}")(y)
+            if s.layer_scale is not None:
+                y = _LayerScale(s.layer_scale, s.dtype, name=f"ls{index}")(y)
             if train and self.drop_path_rate > 0:
                 y = drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
             x = x + y
@@ -180,18 +187,14 @@ class _Blocks(nn.Module):
     """timm's ``blocks`` Sequential: children '0', '1', ... with linearly growing drop path."""
 
     depth: int
-    num_heads: int
-    mlp_ratio: float
-    layer_scale: Optional[float]
+    shape: _BlockShape
     drop_path_rate: float
-    dtype: Any
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         for i in range(self.depth):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            x = _Block(self.num_heads, self.mlp_ratio, self.layer_scale, rate, self.dtype,
-                       name=str(i))(x, train=train)
+            x = _Block(self.shape, rate, name=str(i))(x, train=train)
         return x
 
 
@@ -260,7 +263,7 @@ class VisionTransformer(nn.Module):
                              jnp.float32)
             reg = jnp.broadcast_to(reg, (b, self.num_registers, c)).astype(self.dtype)
             x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
-        x = _Blocks(self.depth, self.num_heads, self.mlp_ratio, self.layer_scale,
-                    self.drop_path_rate, self.dtype, name="blocks")(x, train=train)
+        shape = _BlockShape(self.num_heads, self.mlp_ratio, self.layer_scale, self.dtype)
+        x = _Blocks(self.depth, shape, self.drop_path_rate, name="blocks")(x, train=train)
         return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, param_dtype=jnp.float32,
                             name="norm")(x)

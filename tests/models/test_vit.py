@@ -17,8 +17,8 @@ import torch
 timm = pytest.importorskip("timm")
 
 from proxy_jax import convert  # noqa: E402
-from proxy_jax.models import (BACKBONES, backbone_shapes, create_model, load_pretrained,  # noqa: E402
-                              save_weights, token_pool)
+from proxy_jax.models import (BACKBONES, backbone_shapes, create_model,  # noqa: E402
+                              load_pretrained, save_weights, token_pool)
 from proxy_jax.models.vit import resample_pos_embed  # noqa: E402
 
 torch.set_num_threads(1)
