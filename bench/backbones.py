@@ -1,4 +1,4 @@
-"""ResNet-50 embedding model: proxy_jax (jit) beside PyTorch on the same CPU threads.
+"""ResNet-50 or ViT-S/16 embedding model: proxy_jax (jit) beside PyTorch on the same CPU cores.
 
 Measures images/s for
   * forward: embedding extraction (eval mode), batch 64 by default;
@@ -6,7 +6,10 @@ Measures images/s for
     frozen as in every seed, batch 32 by default;
 at 224x224, for the same network on both sides: torchvision ``resnet50`` trunk → GAP →
 Linear(2048, 512) → l2 normalization, the Flax one loaded from the torch weights through
-``proxy_jax.convert`` (the outputs are checked to agree before timing).
+``proxy_jax.convert`` (the outputs are checked to agree before timing). With a ViT
+``--arch`` (e.g. ``vit_small_patch16_224``) the torch side is timm's model (``pretrained=False``)
+→ class token → Linear(384, 512) → l2 normalization, the Flax side pools 'cls'; there is
+no convolution to choose, so use ``--conv xla`` (one row).
 
 Fairness: both run in one process pinned to the same ``--threads`` cores
 (``os.sched_setaffinity``, ``torch.set_num_threads``; XLA's CPU pool follows the affinity);
@@ -22,6 +25,7 @@ measured there too; otherwise the table says none was available.
 
     python bench/backbones.py            # ~3 min on 2 quiet cores
     python bench/backbones.py --quick    # smaller batches, one timed block (~1 min)
+    python bench/backbones.py --arch vit_small_patch16_224 --conv xla   # ViT-S/16 vs timm
 """
 import argparse
 import os
@@ -79,7 +83,7 @@ import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
 
 from proxy_jax.convert import convert_state_dict  # noqa: E402
-from proxy_jax.models import create_model, onednn_conv  # noqa: E402
+from proxy_jax.models import create_model, get_backbone, onednn_conv  # noqa: E402
 from proxy_jax.models.weights import backbone_shapes  # noqa: E402
 
 EMBEDDING_DIM = 512
@@ -90,12 +94,20 @@ class TorchEmbedding(torch.nn.Module):
 
     def __init__(self, arch):
         super().__init__()
+        self.vit = get_backbone(arch).is_transformer
+        if self.vit:  # timm's ViT without its classifier: forward_features → tokens
+            import timm
+            self.trunk = timm.create_model(arch, pretrained=False, num_classes=0)
+            self.embedding = torch.nn.Linear(self.trunk.embed_dim, EMBEDDING_DIM)
+            return
         net = getattr(torchvision.models, arch)(weights=None)
         # A named Sequential keeps torchvision's state_dict keys (conv1.weight, layer1.0...).
         self.trunk = torch.nn.Sequential(OrderedDict(list(net.named_children())[:-2]))
         self.embedding = torch.nn.Linear(net.fc.in_features, EMBEDDING_DIM)
 
     def forward(self, x):
+        if self.vit:
+            return F.normalize(self.embedding(self.trunk.forward_features(x)[:, 0]), dim=1)
         return F.normalize(self.embedding(self.trunk(x).mean((2, 3))), dim=1)
 
 
@@ -125,7 +137,8 @@ def _unflatten(flat):
 def make_runners(args, tmodel, variables, dtype=jnp.float32, device=None, conv="auto"):
     """{(pass, implementation): fn}, each fn running one batch to completion; proxy_jax is
     'proxy_jax', traced here with PROXY_JAX_CONV=conv (the choice is made at trace time)."""
-    model = create_model(backbone=args.arch, embedding_dim=EMBEDDING_DIM, pooling="gap",
+    pooling = "cls" if get_backbone(args.arch).is_transformer else "gap"
+    model = create_model(backbone=args.arch, embedding_dim=EMBEDDING_DIM, pooling=pooling,
                          dtype=dtype)
     rng = np.random.default_rng(0)
     s = args.size

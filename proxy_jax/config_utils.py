@@ -47,8 +47,12 @@ quote the seeds' own 1-based flags):
   epoch is the full batches; False: also the partial last one, padded to ``batch_size``
   with masked rows, as torch's DataLoader without ``drop_last`` in the Proxy Synthesis,
   MemVir and SoftTriple code; needs method 'proxy' and frozen BatchNorm).
-* ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim``, ``pooling``
-  ('gap', 'gmp', 'gap+gmp'), ``l2_normalize``, ``freeze_bn``, ``bn_momentum`` and
+* ``model``: ``backbone`` (a name of ``proxy_jax.models``), ``embedding_dim`` (0: no
+  linear layer, the embeddings are the pooled features), ``pooling`` ('gap', 'gmp',
+  'gap+gmp' for a CNN; 'cls', 'mean', 'cls+mean' for a ViT, see
+  ``proxy_jax.models.token_pool``), ``drop_path_rate`` (a ViT's stochastic depth, the
+  last block's rate, growing linearly from 0; drawn from its own 'drop_path' stream),
+  ``l2_normalize``, ``freeze_bn``, ``bn_momentum`` and
   ``bn_running_var`` (when BatchNorm trains: torch's momentum, the weight of the new batch
   in the running statistics, and 'unbiased' (torch) or 'biased' (MXNet) batch variance in
   them; see ``proxy_jax.models.layers.BatchNormRule``), ``pretrained`` (a file
@@ -78,7 +82,13 @@ quote the seeds' own 1-based flags):
   ``proxy_jax.optim.SCHEDULES``) with ``decay_rate``, ``decay_step``, ``decay_stop``,
   ``decay_epochs``; ``warmup_epochs`` (the backbone receives no update, and its optimizer
   state does not advance, for that many epochs); ``grad_clip_value`` (element-wise, as
-  ``torch.nn.utils.clip_grad_value_``; 0 = off), ``grad_clip_norm`` (global norm; 0 = off).
+  ``torch.nn.utils.clip_grad_value_``; 0 = off), ``grad_clip_norm`` (global norm; 0 = off);
+  for schedule 'warmup_cosine': ``lr_warmup_epochs`` (linear warm-up of the learning rate
+  from 0; not the backbone freeze of ``warmup_epochs``), ``cosine_epochs`` (where the
+  cosine ends, warm-up included) and ``final_lr_ratio``; ``layer_decay`` (a ViT's
+  layer-wise learning-rate decay, ``proxy_jax.optim.layer_decay_scales``; 1 = off) and
+  ``freeze_patch_embed_epochs`` (a ViT's patch embedding receives no update for that many
+  epochs); these two need method 'proxy'.
 * ``eval``: ``every_epochs``, ``ks`` (Recall@K), ``nmi`` (also compute NMI/F1), ``ap_at``
   (K > 0: also the average precision within the top K, DADA's In-shop "MAP"),
   ``num_queries`` and ``top_k`` of the retrieval picture, ``map_points`` (points in the
@@ -102,7 +112,6 @@ from proxy_jax.data.splits import DATASETS
 __all__ = ["base_config", "validate", "load_config_file", "field_paths",
            "unknown_field_message"]
 
-_POOLINGS = ("gap", "gmp", "gap+gmp")
 _DTYPES = ("float32", "bfloat16")
 _BN_RUNNING_VARS = ("unbiased", "biased")
 _OPTIMIZERS = ("adam", "adamw")
@@ -167,6 +176,7 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.embedding_init = "torch_default"
     c.model.freeze_bn_affine = False
+    c.model.drop_path_rate = 0.0
 
     c.loss = _merged("loss", objective.LOSS_FIELDS, objective.LOSSES)
     c.regularizer = _merged("regularizer", {"name": ""}, objective.REGULARIZERS)
@@ -186,6 +196,11 @@ def base_config(method: str = "proxy") -> ml_collections.ConfigDict:
     c.optimizer.warmup_epochs = 0
     c.optimizer.grad_clip_value = 0.0
     c.optimizer.grad_clip_norm = 0.0
+    c.optimizer.lr_warmup_epochs = 0
+    c.optimizer.cosine_epochs = 0
+    c.optimizer.final_lr_ratio = 0.0
+    c.optimizer.layer_decay = 1.0
+    c.optimizer.freeze_patch_embed_epochs = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_epochs = 1
@@ -233,7 +248,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("data.train_augment", c.data.train_augment, transforms.TRAIN_AUGMENTS)
     _one_of("data.eval_resize_mode", c.data.eval_resize_mode, transforms.EVAL_RESIZE_MODES)
     _one_of("data.sampler", c.data.sampler, samplers.SAMPLERS)
-    _one_of("model.pooling", c.model.pooling, _POOLINGS)
     _one_of("model.dtype", c.model.dtype, _DTYPES)
     _one_of("model.bn_running_var", c.model.bn_running_var, _BN_RUNNING_VARS)
     if not 0 < c.model.bn_momentum <= 1:
@@ -248,7 +262,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of("loss.reduction", c.loss.reduction, _REDUCTIONS)
     if c.loss.name == "hphn_triplet":
         _one_of("loss.tie_gradient", c.loss.tie_gradient, losses.TIE_GRADIENTS)
-    models.get_backbone(c.model.backbone)
+    spec = models.get_backbone(c.model.backbone)
+    _one_of("model.pooling", c.model.pooling,
+            models.TOKEN_POOLINGS if spec.is_transformer else models.POOLINGS)
+    if not 0 <= c.model.drop_path_rate < 1 or (c.model.drop_path_rate > 0
+                                                and not spec.is_transformer):
+        raise ValueError(f"config.model.drop_path_rate must lie in [0, 1) and be 0 for the "
+                         f"CNN {c.model.backbone!r}, got {c.model.drop_path_rate}")
     if c.data.dataset not in ("embedded", "tfds") and not c.data.root:
         raise ValueError(f"config.data.root must name the {c.data.dataset} folder, got ''")
     if c.data.dataset == "tfds" and not c.data.tfds_name:
@@ -256,14 +276,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          "config.data.dataset='tfds'")
     _at_least(c, ("num_epochs", "log_every_steps", "data.input_size", "data.resize",
                   "data.batch_size", "data.n_instance", "data.eval_batch_size",
-                  "model.embedding_dim", "eval.every_epochs", "eval.top_k",
+                  "eval.every_epochs", "eval.top_k",
                   "optimizer.decay_step", "loss.centers_per_class"), 1)
     _at_least(c, ("steps_per_epoch", "num_train_steps", "num_devices"), 1, allow_minus_one=True)
     _at_least(c, ("checkpoint_every_steps", "data.num_workers", "optimizer.warmup_epochs",
                   "optimizer.weight_decay", "optimizer.grad_clip_value",
                   "optimizer.grad_clip_norm", "optimizer.backbone_lr", "optimizer.embedding_lr",
                   "optimizer.proxy_lr", "eval.num_queries", "eval.map_points",
-                  "regularizer.memvir_warm_epochs"), 0)
+                  "regularizer.memvir_warm_epochs", "model.embedding_dim"), 0)
+    _check_vit_optimizer(c, spec)
     if not c.data.drop_last and c.method != "proxy":
         raise ValueError(f"config.data.drop_last=False (a padded, masked last batch) is only "
                          f"supported by method 'proxy', got method {c.method!r}")
@@ -288,6 +309,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"config.data.resize ({c.data.resize}): the test crop is taken from "
                          "the resized image")
     method.validate(c)
+
+
+def _check_vit_optimizer(c, spec) -> None:
+    """The ViT training fields of ``config.optimizer``: ranges, and what they need."""
+    o = c.optimizer
+    _at_least(c, ("optimizer.lr_warmup_epochs", "optimizer.cosine_epochs",
+                  "optimizer.freeze_patch_embed_epochs"), 0)
+    if o.schedule == "warmup_cosine" and not o.lr_warmup_epochs < o.cosine_epochs:
+        raise ValueError(f"config.optimizer.cosine_epochs ({o.cosine_epochs}) must exceed "
+                         f"config.optimizer.lr_warmup_epochs ({o.lr_warmup_epochs}) with "
+                         "schedule 'warmup_cosine'")
+    if not 0 <= o.final_lr_ratio <= 1:
+        raise ValueError(f"config.optimizer.final_lr_ratio must lie in [0, 1], got "
+                         f"{o.final_lr_ratio}")
+    if not 0 < o.layer_decay <= 1:
+        raise ValueError(f"config.optimizer.layer_decay must lie in (0, 1] (1: off), got "
+                         f"{o.layer_decay}")
+    for field, active in (("layer_decay", o.layer_decay < 1),
+                          ("freeze_patch_embed_epochs", o.freeze_patch_embed_epochs > 0)):
+        if active and not spec.is_transformer:
+            raise ValueError(f"config.optimizer.{field} needs a ViT backbone, got "
+                             f"{c.model.backbone!r}")
+        if active and c.method != "proxy":
+            raise ValueError(f"config.optimizer.{field} is only supported by method 'proxy', "
+                             f"got method {c.method!r}")
 
 
 def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -11,6 +11,13 @@ Run once, on a machine with torch (the only place proxy_jax imports it; a gluonc
     python -m proxy_jax.convert --arch googlenet_gluon --src googlenet-c7c89366.params \
         --dst weights/googlenet_gluon.npz
 
+    python -m proxy_jax.convert --arch deit_small_patch16_224 \
+        --src dino_deitsmall16_pretrain.pth --dst weights/vit_s16_dino.npz
+    python -m proxy_jax.convert --arch vit_small_patch14_reg4_dinov2 \
+        --src dinov2_vits14_reg4_pretrain.pth --dst weights/vit_s14_reg4_dinov2.npz
+    python -m proxy_jax.convert --arch vit_small_patch16_224 --src model.safetensors \
+        --dst weights/vit_s16_augreg.npz
+
 then point a config at the ``.npz`` (``proxy_jax.models.load_pretrained`` reads it, no torch).
 A ``.params`` file (gluoncv's model zoo, Gluon ``save_parameters``) is read without MXNet
 (``proxy_jax.models.mxnet_params``) and its keys renamed to torchvision's
@@ -24,8 +31,18 @@ Key names are those of torchvision (``resnet18/34/50/101``, ``googlenet``) and o
 ``aux1``/``aux2``, ``last_linear`` of BN-Inception and of pretrainedmodels' ResNets) are
 dropped. A ``module.`` prefix (DataParallel) is removed.
 The older circulating BN-Inception file stores BatchNorm tensors as [1, C]; they are reshaped
-to [C]. Anything else that does not map -- missing, unexpected or wrongly shaped -- is an error
-that lists it.
+to [C]. A key naming a parameter of the backbone directly (a ViT's ``cls_token``,
+``pos_embed``, ``reg_token``, ``blocks.0.ls1.gamma``) keeps its name.
+
+Vision Transformers take timm's state_dicts (``.pth``, or ``.safetensors``, read without
+torch) and the DINO / DINOv2 release files (:func:`vit_state_dict_to_timm`: DINO's keys are
+timm's; DINOv2's ``mask_token`` is dropped and its ``register_tokens`` become ``reg_token``,
+the class token taking its position entry, since timm's register models give position
+entries to patches only). A position table stored for another patch grid (weights for
+384², say) is resampled to the backbone's grid as timm does when it loads them
+(:func:`proxy_jax.models.vit.resample_pos_embed`). A DeiT release file's ``{'model': …}``
+wrapper is unwrapped. Anything else that does not map -- missing, unexpected or wrongly
+shaped -- is an error that lists it.
 """
 import argparse
 import sys
@@ -35,9 +52,10 @@ import numpy as np
 
 from proxy_jax.models.mxnet_params import read_mxnet_params
 from proxy_jax.models.registry import BACKBONES, get_backbone
+from proxy_jax.models.vit import resample_pos_embed
 from proxy_jax.models.weights import backbone_shapes, save_weights
 
-__all__ = ["convert_state_dict", "gluon_googlenet_to_torch", "main"]
+__all__ = ["convert_state_dict", "gluon_googlenet_to_torch", "vit_state_dict_to_timm", "main"]
 
 # Gluon BatchNorm leaf names -> torch's; a basic conv is HybridSequential(Conv2D, BatchNorm,
 # Activation): child 0 is torch's 'conv', child 1 its 'bn'.
@@ -68,6 +86,8 @@ def convert_state_dict(state_dict: Mapping[str, object], arch: str) -> dict:
     """
     spec = get_backbone(arch)
     expected = backbone_shapes(arch)
+    if spec.is_transformer:
+        state_dict = vit_state_dict_to_timm(state_dict, expected)
     weights, unexpected, wrong, wrong_names = {}, [], [], set()
     for torch_key, value in state_dict.items():
         key = torch_key[len("module."):] if torch_key.startswith("module.") else torch_key
@@ -86,7 +106,7 @@ def convert_state_dict(state_dict: Mapping[str, object], arch: str) -> dict:
         elif leaf == "weight":
             name = f"params/{path}/scale"
         else:
-            name = None
+            name = "params/" + key.replace(".", "/")  # a parameter named as it is
         if name not in expected:
             unexpected.append(torch_key)
             continue
@@ -110,6 +130,48 @@ def convert_state_dict(state_dict: Mapping[str, object], arch: str) -> dict:
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
         raise ValueError("\n".join(lines))
     return weights
+
+
+def vit_state_dict_to_timm(state_dict: Mapping[str, object],
+                           expected: Mapping[str, tuple]) -> dict:
+    """A timm, DINO or DINOv2 ViT state_dict in timm's names, its position table on the
+    backbone's grid.
+
+    Args:
+      state_dict: ``{key: tensor or array}``, a ``module.`` prefix allowed.
+      expected: the backbone's flat shapes (:func:`~proxy_jax.models.backbone_shapes`).
+
+    Returns:
+      ``{timm key: float32 array}``: DINOv2's ``mask_token`` dropped; its
+      ``register_tokens`` → ``reg_token`` with ``cls_token + pos_embed[:, :1]`` and
+      ``pos_embed[:, 1:]`` (timm's no-class-position layout of the register models); then
+      ``pos_embed`` resampled to the backbone's patch grid if it holds another.
+    """
+    state = {(k[len("module."):] if k.startswith("module.") else k): v
+             for k, v in state_dict.items()}
+    state.pop("mask_token", None)
+    if "register_tokens" in state and "pos_embed" in state and "cls_token" in state:
+        pos = _to_numpy(state["pos_embed"])
+        state["reg_token"] = state.pop("register_tokens")
+        state["cls_token"] = _to_numpy(state["cls_token"]) + pos[:, :1]
+        state["pos_embed"] = pos[:, 1:]
+    want = tuple(expected["params/pos_embed"])
+    pos = state.get("pos_embed")
+    if pos is not None and tuple(np.shape(pos)) != want and np.ndim(pos) == 3:
+        prefix = 1 if _has_class_entry(want[1]) else 0
+        grid = int(round((want[1] - prefix) ** 0.5))
+        pos = _to_numpy(pos)
+        if _has_class_entry(pos.shape[1]) == bool(prefix) and pos.shape[2] == want[2]:
+            state["pos_embed"] = np.asarray(
+                resample_pos_embed(pos, (grid, grid), num_prefix=prefix))
+        # otherwise it stays as it is and is reported as a wrong shape
+    return state
+
+
+def _has_class_entry(entries: int) -> bool:
+    """A table of 1 + g² entries has a class position; one of g² has none."""
+    root = int(round(entries ** 0.5))
+    return root * root != entries
 
 
 def gluon_googlenet_to_torch(params: Mapping[str, object]) -> dict:
@@ -163,11 +225,16 @@ def read_source(path: str, arch: str) -> Mapping[str, object]:
             raise ValueError(f"src {path!r} is an MXNet .params file; only --arch "
                              f"googlenet_gluon reads those, got {arch!r}")
         return gluon_googlenet_to_torch(read_mxnet_params(path))
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file  # only this command needs safetensors
+
+        return load_file(path)
     import torch  # only this command needs torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]  # a training checkpoint wrapping the state_dict
+    for wrapper in ("state_dict", "model"):  # a training checkpoint, a DeiT release file
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
     if not isinstance(state, Mapping):
         raise ValueError(f"src {path!r} holds a {type(state).__name__}, expected a state_dict")
     return state
@@ -176,12 +243,14 @@ def read_source(path: str, arch: str) -> Mapping[str, object]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m proxy_jax.convert",
-        description="Convert a PyTorch state_dict (.pth) or a gluoncv GoogLeNet .params "
-                    "file into a proxy_jax weight file (.npz).")
+        description="Convert a PyTorch state_dict (.pth, .safetensors) or a gluoncv "
+                    "GoogLeNet .params file into a proxy_jax weight file (.npz).")
     parser.add_argument("--arch", required=True,
-                        choices=sorted(name for name in BACKBONES if name != "tiny_cnn"))
+                        choices=sorted(name for name in BACKBONES
+                                       if name not in ("tiny_cnn", "vit_tiny_test")))
     parser.add_argument("--src", required=True,
-                        help="PyTorch file holding a state_dict, or an MXNet .params file")
+                        help="PyTorch file holding a state_dict, a .safetensors file, or an "
+                             "MXNet .params file")
     parser.add_argument("--dst", required=True, help="output .npz for load_pretrained")
     args = parser.parse_args(argv)
 

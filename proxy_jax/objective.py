@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proxy_jax import losses, regularizers
+from proxy_jax import losses, models, regularizers
 from proxy_jax.regularizers import memvir
 
 __all__ = ["Loss", "Regularizer", "Stage", "Flow", "Objective", "LOSSES", "REGULARIZERS",
@@ -436,7 +436,9 @@ def make_objective(config, *, num_classes: int, global_batch_size: int,
     if not _fused_memvir:
         loss = loss._replace(memvir_fused=None)
     kwargs = loss.kwargs(config.loss)
-    ctx = Context(config.loss.name, loss, kwargs, num_classes, global_batch_size, config.model.embedding_dim,
+    dim = models.output_dim(config.model.backbone, config.model.embedding_dim,
+                            config.model.pooling)
+    ctx = Context(config.loss.name, loss, kwargs, num_classes, global_batch_size, dim,
                   alone=len(chain) == 1)
     stages = [REGULARIZERS[name].build(config.regularizer, ctx) for name in chain]
     checks = [REGULARIZERS[n].check_batch for n in chain if REGULARIZERS[n].check_batch]

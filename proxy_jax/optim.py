@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import optax
 
 __all__ = ["SCHEDULES", "learning_rate_fn", "freeze_until", "Group", "make_optimizer",
-           "learning_rates", "param_labels"]
+           "learning_rates", "param_labels", "layer_decay_scales", "scale_by_tree"]
 
 Array = jax.Array
 
-SCHEDULES = ("constant", "step_decay", "step_lr", "multistep", "multistep_lr")
+SCHEDULES = ("constant", "step_decay", "step_lr", "multistep", "multistep_lr",
+             "warmup_cosine")
 
 
 def learning_rate_fn(base_lr: float, optimizer_config, steps_per_epoch: int, *,
@@ -42,6 +43,11 @@ def learning_rate_fn(base_lr: float, optimizer_config, steps_per_epoch: int, *,
       ``lr · rate^#{m ∈ decay_epochs : step − delay · steps_per_epoch > m · steps_per_epoch}``.
     * 'multistep_lr' (``torch.optim.lr_scheduler.MultiStepLR`` stepped after each epoch,
       DADA ``--scheduler multi``): ``lr · rate^#{m ∈ decay_epochs : k ≥ m}``.
+    * 'warmup_cosine' (the ViT recipes', per step ``s`` of the scheduler, i.e. after the
+      delay): linear from 0 to ``lr`` over ``W = lr_warmup_epochs · steps_per_epoch`` steps,
+      then a cosine from ``lr`` to ``lr · final_lr_ratio`` at step ``T = cosine_epochs ·
+      steps_per_epoch`` (warm-up included), constant after it
+      (``optax.warmup_cosine_decay_schedule``).
     """
     o = optimizer_config
     if o.schedule not in SCHEDULES:
@@ -49,6 +55,8 @@ def learning_rate_fn(base_lr: float, optimizer_config, steps_per_epoch: int, *,
                          f"{o.schedule!r}")
     rate, decay_step, decay_stop = o.decay_rate, o.decay_step, o.decay_stop
     epochs = tuple(int(m) for m in o.decay_epochs)
+    if o.schedule == "warmup_cosine":
+        return _warmup_cosine(base_lr, o, steps_per_epoch, delay_epochs)
 
     def fn(step):
         step = jnp.asarray(step, jnp.int32) - delay_epochs * steps_per_epoch
@@ -65,6 +73,21 @@ def learning_rate_fn(base_lr: float, optimizer_config, steps_per_epoch: int, *,
         else:
             n = sum((k >= m).astype(jnp.int32) for m in epochs)
         return base_lr * jnp.power(jnp.float32(rate), jnp.asarray(n, jnp.float32))
+    return fn
+
+
+def _warmup_cosine(base_lr: float, o, steps_per_epoch: int, delay_epochs: int):
+    if not 0 <= o.lr_warmup_epochs < o.cosine_epochs:
+        raise ValueError(f"config.optimizer.cosine_epochs ({o.cosine_epochs}) must exceed "
+                         f"config.optimizer.lr_warmup_epochs ({o.lr_warmup_epochs}) >= 0 for "
+                         "the 'warmup_cosine' schedule")
+    cosine = optax.warmup_cosine_decay_schedule(
+        0.0, base_lr, o.lr_warmup_epochs * steps_per_epoch, o.cosine_epochs * steps_per_epoch,
+        end_value=base_lr * o.final_lr_ratio)
+
+    def fn(step):
+        step = jnp.asarray(step, jnp.int32) - delay_epochs * steps_per_epoch
+        return jnp.asarray(cosine(jnp.maximum(step, 0)), jnp.float32)
     return fn
 
 
@@ -183,10 +206,47 @@ def learning_rates(optimizer_config, groups: Mapping[str, Group], step: int, *,
     return rates
 
 
-def param_labels(params: dict, *, frozen_mask: Optional[dict] = None) -> dict:
-    """The optimizer group of every leaf: its top-level name, or 'frozen' where masked."""
+def param_labels(params: dict, *, frozen_mask: Optional[dict] = None,
+                 patch_embed_group: bool = False) -> dict:
+    """The optimizer group of every leaf: its top-level name, or 'frozen' where masked.
+
+    With ``patch_embed_group``, a ViT's ``backbone/patch_embed`` leaves form the group
+    'patch_embed' (frozen for its own number of epochs, ``freeze_patch_embed_epochs``).
+    """
     labels = {name: jax.tree.map(lambda _, n=name: n, sub) for name, sub in params.items()}
     if frozen_mask is not None:
         labels["backbone"] = jax.tree.map(lambda label, frozen: "frozen" if frozen else label,
                                           labels["backbone"], frozen_mask["backbone"])
+    if patch_embed_group:
+        labels["backbone"] = dict(labels["backbone"])
+        labels["backbone"]["patch_embed"] = jax.tree.map(
+            lambda label: label if label == "frozen" else "patch_embed",
+            labels["backbone"]["patch_embed"])
     return labels
+
+
+def layer_decay_scales(params: dict, *, decay: float, depth: int) -> dict:
+    """Layer-wise learning-rate decay (Clark et al., ELECTRA, ICLR 2020; BEiT's numbering
+    for ViTs): a tree like ``params`` of the factor each leaf's update is multiplied by.
+
+    A ViT backbone's layers are 0 (``patch_embed``, ``cls_token``, ``reg_token``,
+    ``pos_embed``), i + 1 (``blocks/i``) and depth + 1 (the final ``norm``); layer l gets
+    ``decay ** (depth + 1 - l)``. Every leaf outside the backbone gets 1.
+    """
+    def backbone_scale(path, _):
+        top = path[0].key
+        layer = int(path[1].key) + 1 if top == "blocks" else depth + 1 if top == "norm" else 0
+        return float(decay ** (depth + 1 - layer))
+
+    return {name: (jax.tree_util.tree_map_with_path(backbone_scale, sub) if name == "backbone"
+                   else jax.tree.map(lambda _: 1.0, sub))
+            for name, sub in params.items()}
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+    """Multiplies each update leaf by the matching static float of ``scales`` (a tree like
+    the parameters, e.g. :func:`layer_decay_scales`)."""
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, scales), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -77,7 +77,9 @@ def test_config_trains_one_step_on_tiny_shapes(path, tiny_root):
     config.data.batch_size = 8
     config.data.n_instance = min(config.data.n_instance, 2)
     config.data.num_workers = 0
-    config.model.backbone, config.model.pretrained = "tiny_cnn", ""
+    vit = models.get_backbone(config.model.backbone).is_transformer  # keeps its pooling
+    config.model.backbone = "vit_tiny_test" if vit else "tiny_cnn"
+    config.model.pretrained = ""
     config.model.embedding_dim = 8
     config.num_devices = 1
     run = train.build(config)
@@ -117,6 +119,13 @@ def _bad(config, **changes):
      "only supported by method 'proxy'"),
     ({"data.drop_last": False, "model.freeze_bn": True, "loss.name": "hphn_triplet"},
      "cannot take the padded last batch"),
+    ({"model.pooling": "cls"}, r"config.model.pooling must be one of \['gap'"),
+    ({"model.backbone": "vit_tiny_test", "model.pooling": "gap"},
+     r"config.model.pooling must be one of \['cls', 'mean', 'cls\+mean'\]"),
+    ({"model.drop_path_rate": 0.1}, "must lie in \\[0, 1\\) and be 0 for the CNN"),
+    ({"model.backbone": "vit_tiny_test", "model.pooling": "cls", "model.drop_path_rate": 1.0},
+     "config.model.drop_path_rate must lie in"),
+    ({"model.embedding_dim": -1}, "config.model.embedding_dim must be >= 0"),
 ])
 def test_validate_names_the_bad_field(changes, message):
     config = config_utils.load_config_file(os.path.join(REPO, "configs", "default.py"))

@@ -26,7 +26,11 @@ from jax.sharding import NamedSharding
 from proxy_jax import models
 
 __all__ = ["TrainState", "Method", "Plan", "create_model", "init_network", "forward_global",
-           "network_params", "no_batch_check"]
+           "network_params", "no_batch_check", "embedding_width"]
+
+# forward_global folds this into the step's key for the backbone's stochastic depth, so that
+# the 'drop_path' stream is independent of the keys the regularizers draw from.
+_DROP_PATH_STREAM = 0x64726F70
 
 Array = jax.Array
 
@@ -118,7 +122,14 @@ def create_model(config: ml_collections.ConfigDict, **overrides) -> models.Embed
         l2_normalize=m.l2_normalize, freeze_bn=m.freeze_bn,
         bn_rule=models.BatchNormRule(m.bn_momentum, m.bn_running_var == "unbiased"),
         dtype=jnp.bfloat16 if m.dtype == "bfloat16" else jnp.float32,
-        embedding_init=m.embedding_init, **overrides)
+        embedding_init=m.embedding_init, drop_path_rate=m.drop_path_rate, **overrides)
+
+
+def embedding_width(config: ml_collections.ConfigDict) -> int:
+    """D, the width of the embeddings (and proxies): ``model.embedding_dim``, or the pooled
+    width of the backbone when it is 0 (no linear layer)."""
+    m = config.model
+    return models.output_dim(m.backbone, m.embedding_dim, m.pooling)
 
 
 def init_network(config: ml_collections.ConfigDict, model, key: Array) -> dict:
@@ -140,7 +151,8 @@ def network_params(params: dict) -> dict:
 
 
 def forward_global(model, net_params: dict, batch_stats: Any, images: Array, *, freeze_bn: bool,
-                   replicated: Optional[NamedSharding] = None) -> tuple[Array, Any]:
+                   replicated: Optional[NamedSharding] = None,
+                   key: Optional[Array] = None) -> tuple[Array, Any]:
     """The training-mode forward of the global batch (shared by every method's step).
 
     Args:
@@ -149,16 +161,20 @@ def forward_global(model, net_params: dict, batch_stats: Any, images: Array, *, 
       freeze_bn: use and keep the running BatchNorm statistics.
       replicated: the mesh's replicated sharding; the embeddings are gathered to it so
         that the loss and the regularizers see the whole global batch.
+      key: the step's PRNG key; a fold of it is the backbone's 'drop_path' stream (a ViT
+        with ``model.drop_path_rate`` > 0 needs it; other networks ignore it).
 
     Returns:
       Embeddings float32 [B, D] and the BatchNorm statistics after this batch.
     """
     variables = {"params": net_params, "batch_stats": batch_stats}
+    rngs = {} if key is None else {"drop_path": jax.random.fold_in(key, _DROP_PATH_STREAM)}
     if freeze_bn:
-        embeddings = model.apply(variables, images, train=True)
+        embeddings = model.apply(variables, images, train=True, rngs=rngs)
     else:
-        embeddings, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        batch_stats = updates["batch_stats"]
+        embeddings, updates = model.apply(variables, images, train=True, rngs=rngs,
+                                          mutable=["batch_stats"])
+        batch_stats = updates.get("batch_stats", {})  # a ViT has none
     embeddings = embeddings.astype(jnp.float32)
     if replicated is not None:
         embeddings = jax.lax.with_sharding_constraint(embeddings, replicated)

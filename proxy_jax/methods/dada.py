@@ -49,7 +49,8 @@ import numpy as np
 import optax
 
 from proxy_jax import optim
-from proxy_jax.methods.base import Method, Plan, TrainState, forward_global, init_network
+from proxy_jax.methods.base import (Method, Plan, TrainState, embedding_width, forward_global,
+                                    init_network)
 from proxy_jax.regularizers import dada
 
 Array = jax.Array
@@ -448,7 +449,7 @@ def create_dada_state(config: ml_collections.ConfigDict, model, *, num_classes: 
     with PyTorch's default initialisation, a learned mix weight xavier-uniform.
     """
     game = game_config(config)
-    dim = config.model.embedding_dim
+    dim = embedding_width(config)
     discriminators = dada.make_discriminators(game, num_classes=num_classes)
     k_model, k_proxies, k_disc, k_mix, k_train = jax.random.split(
         jax.random.PRNGKey(config.seed), 5)
@@ -537,7 +538,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
 
     def embed(net_params, batch_stats):
         return forward_global(model, net_params, batch_stats, batch["image"],
-                              freeze_bn=freeze_bn, replicated=replicated)
+                              freeze_bn=freeze_bn, replicated=replicated, key=key)
 
     side = state.extra["discriminators"]
     (params, opt_state, disc_params, disc_stats, disc_opt_state, batch_stats,

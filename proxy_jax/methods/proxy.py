@@ -20,10 +20,10 @@ import optax
 from jax.sharding import NamedSharding
 
 from proxy_jax import models, objective as objective_lib, optim
-from proxy_jax.methods.base import (Method, Plan, TrainState, forward_global, init_network,
-                                    network_params)
+from proxy_jax.methods.base import (Method, Plan, TrainState, embedding_width, forward_global,
+                                    init_network, network_params)
 
-__all__ = ["METHOD", "train_step", "optimizer_groups"]
+__all__ = ["METHOD", "train_step", "optimizer_groups", "make_tx"]
 
 _LR_FIELDS = {"backbone": "backbone_lr", "embedding": "embedding_lr", "proxies": "proxy_lr"}
 
@@ -31,13 +31,39 @@ _LR_FIELDS = {"backbone": "backbone_lr", "embedding": "embedding_lr", "proxies":
 def optimizer_groups(config: ml_collections.ConfigDict, *, steps_per_epoch: int,
                      uses_proxies: bool) -> dict:
     """The parameter groups: the network's two and the proxies, each with its rate; the
-    backbone frozen for ``optimizer.warmup_epochs``."""
+    backbone frozen for ``optimizer.warmup_epochs``. With ``freeze_patch_embed_epochs``, a
+    ViT's patch embedding is a group of its own: the backbone's rate, frozen for the longer
+    of the two."""
     o = config.optimizer
     names = ["backbone", "embedding"] + (["proxies"] if uses_proxies else [])
-    return {n: optim.Group(getattr(o, _LR_FIELDS[n]), o.weight_decay,
-                           frozen_updates=(o.warmup_epochs * steps_per_epoch
-                                           if n == "backbone" else 0))
-            for n in names}
+    groups = {n: optim.Group(getattr(o, _LR_FIELDS[n]), o.weight_decay,
+                             frozen_updates=(o.warmup_epochs * steps_per_epoch
+                                             if n == "backbone" else 0))
+              for n in names}
+    if o.freeze_patch_embed_epochs > 0:
+        epochs = max(o.warmup_epochs, o.freeze_patch_embed_epochs)
+        groups["patch_embed"] = optim.Group(o.backbone_lr, o.weight_decay,
+                                            frozen_updates=epochs * steps_per_epoch)
+    return groups
+
+
+def _frozen_until(config: ml_collections.ConfigDict, steps_per_epoch: int) -> dict:
+    o = config.optimizer
+    return {"backbone": o.warmup_epochs * steps_per_epoch,
+            "patch_embed": max(o.warmup_epochs, o.freeze_patch_embed_epochs) * steps_per_epoch}
+
+
+def make_tx(config: ml_collections.ConfigDict, groups: dict, params: dict, labels: dict, *,
+            steps_per_epoch: int) -> optax.GradientTransformation:
+    """The method's optimizer: :func:`proxy_jax.optim.make_optimizer`, then a ViT's
+    layer-wise learning-rate decay (``optimizer.layer_decay`` < 1)."""
+    tx = optim.make_optimizer(config.optimizer, groups, labels, steps_per_epoch=steps_per_epoch)
+    decay = config.optimizer.layer_decay
+    if decay < 1:
+        depth = models.get_backbone(config.model.backbone).factory.keywords["depth"]
+        tx = optax.chain(tx, optim.scale_by_tree(
+            optim.layer_decay_scales(params, decay=decay, depth=depth)))
+    return tx
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
@@ -62,7 +88,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     def loss_fn(params):
         embeddings, batch_stats = forward_global(model, network_params(params),
                                                  state.batch_stats, batch["image"],
-                                                 freeze_bn=freeze_bn, replicated=replicated)
+                                                 freeze_bn=freeze_bn, replicated=replicated,
+                                                 key=key)
         loss, extra = objective.loss_fn(embeddings, batch["label"], params.get("proxies"),
                                         key=key, extra=state.extra, epoch=epoch,
                                         sample_mask=batch.get("mask"))
@@ -93,21 +120,21 @@ def _setup(config: ml_collections.ConfigDict, model, *, num_classes: int,
     params = dict(variables["params"])
     if objective.uses_proxies:
         params["proxies"] = objective_lib.init_proxies(
-            k_proxies, num_rows=objective.num_proxy_rows, dim=config.model.embedding_dim,
+            k_proxies, num_rows=objective.num_proxy_rows, dim=embedding_width(config),
             init=config.loss.proxy_init, fan=config.loss.proxy_init_fan)
     groups = optimizer_groups(config, steps_per_epoch=steps_per_epoch,
                               uses_proxies=objective.uses_proxies)
     mask = models.batchnorm_param_mask(variables) if config.model.freeze_bn_affine else None
-    tx = optim.make_optimizer(config.optimizer, groups,
-                              optim.param_labels(params, frozen_mask=mask),
-                              steps_per_epoch=steps_per_epoch)
+    labels = optim.param_labels(params, frozen_mask=mask,
+                                patch_embed_group="patch_embed" in groups)
+    tx = make_tx(config, groups, params, labels, steps_per_epoch=steps_per_epoch)
     state = TrainState(step=jnp.zeros([], jnp.int32), params=params,
                        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                        extra=objective.init_extra(), key=k_train)
     step_fn = functools.partial(train_step, model=model, tx=tx, objective=objective,
                                 steps_per_epoch=steps_per_epoch,
                                 freeze_bn=config.model.freeze_bn)
-    frozen = {"backbone": config.optimizer.warmup_epochs * steps_per_epoch}
+    frozen = _frozen_until(config, steps_per_epoch)
     return Plan(
         state=state, step_fn=step_fn,
         learning_rates=lambda step: optim.learning_rates(

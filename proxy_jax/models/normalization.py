@@ -19,6 +19,10 @@ _BN_INCEPTION = InputNormalization(
 # tiny_cnn is trained from scratch: centre [0, 1] pixels at 0 with unit-ish range.
 _TINY = InputNormalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), bgr=False, scale=1.0 / 255.0)
 
+# timm's augreg ViT-S/16 and ViT-B/16 (vit_*_patch16_224) take [-1, 1] (mean = std = 0.5).
+_INCEPTION = InputNormalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), bgr=False,
+                                scale=1.0 / 255.0)
+
 _BY_BACKBONE = {
     "resnet18": _TORCHVISION,
     "resnet34": _TORCHVISION,
@@ -32,6 +36,15 @@ _BY_BACKBONE = {
     "googlenet_gluon": _TORCHVISION,
     "bn_inception": _BN_INCEPTION,
     "tiny_cnn": _TINY,
+    "vit_small_patch16_224": _INCEPTION,
+    "vit_base_patch16_224": _INCEPTION,
+    # DeiT, DINO and DINOv2 were trained on ImageNet-normalized input.
+    "deit_small_patch16_224": _TORCHVISION,
+    "vit_small_patch14_dinov2": _TORCHVISION,
+    "vit_base_patch14_dinov2": _TORCHVISION,
+    "vit_small_patch14_reg4_dinov2": _TORCHVISION,
+    "vit_base_patch14_reg4_dinov2": _TORCHVISION,
+    "vit_tiny_test": _TINY,
 }
 
 

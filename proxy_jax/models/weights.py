@@ -104,11 +104,12 @@ def load_pretrained(variables: Mapping, path: str, backbone: str) -> dict:
         raise ValueError(f"backbone is {backbone!r} but {path!r} holds {arch!r} weights")
     variables = flax.core.unfreeze(variables)
     current = {}
-    for collection in _COLLECTIONS:
+    present = [c for c in _COLLECTIONS if "backbone" in variables.get(c, {})]  # ViTs: no stats
+    for collection in present:
         for k, v in _flatten(variables[collection]["backbone"]).items():
             current[f"{collection}/{k}"] = v
     check_weights(weights, {k: tuple(v.shape) for k, v in current.items()}, source=path)
-    for collection in _COLLECTIONS:
+    for collection in present:
         prefix = collection + "/"
         flat = {tuple(k[len(prefix):].split("/")): jnp.asarray(v, current[k].dtype)
                 for k, v in weights.items() if k.startswith(prefix)}

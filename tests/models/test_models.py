@@ -244,7 +244,8 @@ def test_unfrozen_batchnorm_uses_and_updates_batch_statistics():
     assert not np.allclose(emb, emb_eval)
 
 
-@pytest.mark.parametrize("arch", sorted(BACKBONES))
+@pytest.mark.parametrize("arch", sorted(a for a in BACKBONES
+                                        if not BACKBONES[a].is_transformer))  # ViTs: no BN
 def test_every_backbone_freezes_every_batchnorm(arch):
     # Tracing only (no FLOPs): with freeze_bn a train-mode apply without mutable collections
     # must trace; without freeze_bn the same call must fail on batch_stats.
@@ -366,10 +367,10 @@ def test_embedding_inits_follow_the_official_code():
 def test_create_model_rejects_bad_arguments():
     with pytest.raises(ValueError, match="backbone must be one of"):
         create_model(backbone="vgg16", embedding_dim=8)
-    with pytest.raises(ValueError, match="pooling must be one of"):
+    with pytest.raises(ValueError, match=r"pooling of 'tiny_cnn' \(a CNN\) must be one of"):
         create_model(backbone="tiny_cnn", embedding_dim=8, pooling="avg")
-    with pytest.raises(ValueError, match="embedding_dim must be a positive int"):
-        create_model(backbone="tiny_cnn", embedding_dim=0)
+    with pytest.raises(ValueError, match="embedding_dim must be an int >= 0"):
+        create_model(backbone="tiny_cnn", embedding_dim=-1)
     with pytest.raises(ValueError, match="embedding_init must be one of"):
         create_model(backbone="tiny_cnn", embedding_dim=8, embedding_init="glorot")
 
@@ -395,7 +396,15 @@ def test_input_normalization():
         assert norm.mean == (0.485, 0.456, 0.406) and norm.std == (0.229, 0.224, 0.225)
         assert not norm.bgr and norm.scale == pytest.approx(1 / 255)
     assert set(BACKBONES) == {"bn_inception", "resnet18", "resnet34", "resnet50", "resnet101",
-                              "googlenet", "googlenet_gluon", "tiny_cnn"}
+                              "googlenet", "googlenet_gluon", "tiny_cnn",
+                              "vit_small_patch16_224", "vit_base_patch16_224",
+                              "deit_small_patch16_224", "vit_small_patch14_dinov2",
+                              "vit_base_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+                              "vit_base_patch14_reg4_dinov2", "vit_tiny_test"}
+    for arch in ("deit_small_patch16_224", "vit_small_patch14_dinov2",
+                 "vit_base_patch14_reg4_dinov2"):
+        assert input_normalization(arch) == input_normalization("resnet50")
+    assert input_normalization("vit_small_patch16_224").mean == (0.5, 0.5, 0.5)
     for arch in BACKBONES:
         input_normalization(arch)
     with pytest.raises(ValueError, match="backbone must be one of"):
