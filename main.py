@@ -143,9 +143,10 @@ def main(argv):
         else:
             output = FLAGS.embed_output or os.path.join(workdir, "embeddings.npz")
             result = train.embed_folder(config, workdir, FLAGS.embed_folder, output)
-    except (ValueError, OSError, FloatingPointError) as error:
-        # Bad input (a config value, a folder, an image, a checkpoint) or a NaN loss: the
-        # message names it. --traceback shows where it was raised.
+    except (ValueError, OSError, ImportError, FloatingPointError) as error:
+        # Bad input (a config value, a folder, an image, a checkpoint), an optional extra a
+        # config needs and the machine lacks, or a NaN loss: the message names it.
+        # --traceback shows where it was raised.
         if FLAGS.traceback:
             raise
         _fail(" ".join(str(error).split()) or type(error).__name__)

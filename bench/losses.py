@@ -26,7 +26,6 @@ with ``jax.eval_shape`` (nothing is allocated).
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import time
@@ -66,6 +65,8 @@ from proxy_jax.regularizers.memvir import (  # noqa: E402
     memvir_init, memvir_norm_softmax, memvir_push, memvir_virtual)
 from proxy_jax.regularizers.synthesis import proxy_synthesis  # noqa: E402
 
+from torch_references import TorchMemVir  # noqa: E402  (bench/ is sys.path[0])
+
 torch.set_num_threads(ARGS.threads)
 
 
@@ -99,34 +100,6 @@ def torch_ps_proxy_nca(x, labels, proxies, scale, alpha, mu):
     sq_dist = scale * torch.cdist(x_hat, p_hat) ** 2
     one_hot = F.one_hot(labels, sq_dist.shape[1]).float()
     return torch.mean(torch.sum(-one_hot * F.log_softmax(-sq_dist, -1), -1))
-
-
-class TorchMemVir:
-    """The official MemVir queue: read before push, ages M+1, 2(M+1), ... most recent first.
-
-    Proxies are kept in the official [D, C] layout.
-    """
-
-    def __init__(self, num_steps, step_gap):
-        self.step_gap = step_gap
-        self.queue = collections.deque(maxlen=num_steps * (step_gap + 1))
-
-    def read(self):
-        return list(self.queue)[::-1][self.step_gap::self.step_gap + 1]
-
-    def push(self, x, labels, weight):
-        self.queue.append((x.detach(), labels.detach(), weight.detach().clone()))
-
-    def norm_softmax_step(self, x_hat, labels, weight, scale):
-        """One official NormSoftmax forward+backward with MemVir (x_hat already normalized)."""
-        virtual = self.read()
-        self.push(x_hat, labels, weight)
-        c = weight.shape[1]
-        all_w = torch.cat([weight] + [w for _, _, w in virtual], dim=1)
-        all_x = torch.cat([x_hat] + [e for e, _, _ in virtual], dim=0)
-        all_y = torch.cat([labels] + [y + (k + 1) * c for k, (_, y, _) in enumerate(virtual)])
-        logits = scale * (all_x @ F.normalize(all_w, dim=0))
-        return F.cross_entropy(logits, all_y)
 
 
 # ----------------------------------------------------------------- timing

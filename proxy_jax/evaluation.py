@@ -5,8 +5,10 @@ The numbers are those of the official proxy-synthesis evaluation (``utils/evalua
 (``precision_at_1``, ``r_precision``, ``mean_average_precision_at_r``) and of DADA's clustering
 F1 (``metrics/f1.py``); ``tests/test_evaluation.py`` checks them against all three.
 
-Everything runs in NumPy (and faiss) on the host: the embeddings come off the accelerator once,
-and the kNN search is a BLAS-bound job that JAX would not do better on a CPU.
+The metrics run in NumPy on the host. The kNN search runs where it is fastest: on a CPU in
+NumPy ('blocks', a BLAS-bound job that JAX would not do better there) or faiss; on a GPU as
+an exact matmul + top-k on the device through JAX ('device', what 'auto' picks when JAX's
+default device is a GPU), only the k nearest rows of each query coming back to the host.
 
 Definitions (``q`` a query, ``R_q`` the number of gallery items that share its label, the
 query itself excluded in all-vs-all retrieval):
@@ -36,9 +38,12 @@ With a gallery (In-shop) nothing is excluded and R_q counts the gallery's items 
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import NamedTuple, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -49,7 +54,10 @@ __all__ = [
     "top_k_average_precision",
     "nearest_neighbours",
     "retrieval_metrics",
+    "SEARCH_METHODS",
 ]
+
+SEARCH_METHODS = ("auto", "blocks", "faiss", "device")  # retrieval_metrics' ``method``
 
 # Padding for gallery indices in the top-R lists: sorts after every real index.
 _NO_INDEX = np.iinfo(np.int64).max
@@ -63,7 +71,7 @@ class Neighbours(NamedTuple):
     Attributes:
       first_hit_rank: [queries] int64, 0-based rank of the nearest same-label gallery item
         (the number of items ranked before it). For a query with no same-label item, and for a
-        first hit that ``method='faiss'`` did not see in its list, a rank no K can reach.
+        first hit that ``method='faiss'`` or ``'device'`` did not see in its list, a rank no K can reach.
       top_hits: [queries, max R] bool, entry (q, i) is True iff the i-th nearest neighbour of q
         (i < R_q) has q's label; False beyond R_q.
       num_relevant: [queries] int64, R_q.
@@ -102,15 +110,18 @@ def retrieval_metrics(
       ks: the K of Recall@K, each an int >= 1 (e.g. (1, 2, 4, 8); SOP (1, 10, 100, 1000)).
       gallery_embeddings: [M, D] float array or None. None: all-vs-all, the query excluded.
       gallery_labels: [M] integer array, given iff ``gallery_embeddings`` is.
-      method: 'auto' (faiss on a GPU when faiss sees one, 'blocks' otherwise), 'blocks'
-        (exact blocked matmul on the CPU, below), or 'faiss' (faiss kNN of max(K, R) distinct
-        gallery rows per query, on the GPU if there is one, expanded to their items and
-        re-sorted by similarity, then index; exact duplicates are never cut apart, but a tie
-        between different rows across the end of the list is cut where faiss cuts it).
-        Both give identical numbers up to the ties between different rows (module docstring).
+      method: 'auto' ('device' when JAX's default device is a GPU, else faiss on a GPU when
+        faiss sees one, else 'blocks'), 'blocks' (exact blocked matmul on the CPU, below),
+        'faiss' (faiss kNN of max(K, R) distinct gallery rows per query, on the GPU if there
+        is one, expanded to their items and re-sorted by similarity, then index; exact
+        duplicates are never cut apart, but a tie between different rows across the end of
+        the list is cut where faiss cuts it), or 'device' (the same lists as 'faiss', from a
+        float32 matmul at full precision and ``jax.lax.top_k`` on JAX's default device). All
+        give identical numbers up to the ties between different rows (module docstring).
       block_size: rows per block of the similarity matrix ('blocks': whole classes per block,
         so a block may be larger; memory is a few block_size**2 float32 buffers) or queries per
-        faiss search ('faiss'). No N x M matrix is ever held.
+        search ('faiss'; 'device': a [block_size, distinct rows] float32 matrix on the device).
+        No N x M matrix is ever held.
 
     Returns:
       {'recall@K': float for each K, 'r_precision': float, 'map@r': float}.
@@ -382,19 +393,29 @@ def _search(query, query_labels, gallery, gallery_labels, *, all_vs_all, max_k, 
     itself); labels: dense codes shared by both. The gallery is searched as its distinct
     l2-normalized rows (``_distinct_rows``), so that exact duplicates share one similarity.
     """
-    if method not in ("auto", "blocks", "faiss"):
-        raise ValueError(f"method must be 'auto', 'blocks' or 'faiss', got {method!r}")
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
     if not isinstance(block_size, numbers.Integral) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     if method == "auto":
-        method = "faiss" if _faiss_num_gpus() > 0 else "blocks"
+        method = _auto_method()
     num_relevant = np.bincount(gallery_labels, minlength=query_labels.max() + 1)[query_labels]
     num_relevant = num_relevant - int(all_vs_all)
     rows, row_of = _distinct_rows(gallery)
     query = None if all_vs_all else _l2_normalize(query)
-    search = _search_blocks if method == "blocks" else _search_faiss
-    return search(query, query_labels, rows, row_of, gallery_labels, num_relevant,
-                  all_vs_all=all_vs_all, max_k=max_k, block_size=int(block_size))
+    if method == "blocks":
+        return _search_blocks(query, query_labels, rows, row_of, gallery_labels, num_relevant,
+                              all_vs_all=all_vs_all, max_k=max_k, block_size=int(block_size))
+    make_index = _faiss_index if method == "faiss" else _DeviceIndex
+    return _search_index(make_index, query, query_labels, rows, row_of, gallery_labels,
+                         num_relevant, all_vs_all=all_vs_all, max_k=max_k,
+                         block_size=int(block_size))
+
+
+def _auto_method() -> str:
+    if jax.default_backend() == "gpu":
+        return "device"
+    return "faiss" if _faiss_num_gpus() > 0 else "blocks"
 
 
 def _distinct_rows(x):
@@ -454,26 +475,66 @@ def _faiss_num_gpus():
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-def _search_faiss(query, query_labels, rows, row_of, gallery_labels, num_relevant, *,
-                  all_vs_all, max_k, block_size):
-    """faiss exact inner-product kNN over the distinct gallery rows, expanded to the items.
-
-    Each query gets the k nearest distinct rows; every item of a row has that row's similarity,
-    so exact duplicates are ranked by index. k rows hold at least k items, so k = max(max_k,
-    max R) (+ 1 all-vs-all, for the query itself) rows always fill the list.
-    """
+def _faiss_index(rows, *, k, block_size):
+    """faiss' exact inner-product index of ``rows`` [R, D] (on a GPU when faiss sees one and
+    k fits its GPU index); ``.search(queries, k) -> (sims, ids)``."""
+    del block_size
     import faiss  # noqa: PLC0415
 
-    num_candidates = len(row_of) - int(all_vs_all)
-    list_len = min(max(max_k, int(num_relevant.max())), num_candidates)
-    need = list_len + int(all_vs_all)  # items per query before its own index is dropped
-    k = min(need, len(rows))
     if faiss.get_num_gpus() > 0 and k <= _GPU_MAX_K:
         resources = faiss.StandardGpuResources()
         index = faiss.GpuIndexFlatIP(resources, rows.shape[1])
     else:
         index = faiss.IndexFlatIP(rows.shape[1])
     index.add(rows)
+    return index
+
+
+class _DeviceIndex:
+    """Exact inner-product top-k of ``rows`` [R, D] on JAX's default device.
+
+    ``search(queries, k)`` -> (sims [Q, k] float32, ids [Q, k] int64), highest first: one [Q, R]
+    float32 similarity matrix at full matmul precision (no TF32 or bfloat16 passes) and
+    ``jax.lax.top_k``. The first call fixes Q (the block size); a shorter last block is padded
+    to it, so every block runs one compiled program. Only the top k come back to the host.
+    """
+
+    def __init__(self, rows, *, k, block_size):
+        del k, block_size
+        self._rows = jax.device_put(rows)
+        self._num_queries = None
+
+    def search(self, queries, k):
+        n = len(queries)
+        self._num_queries = self._num_queries or n
+        padded = np.zeros((self._num_queries, queries.shape[1]), np.float32)
+        padded[:n] = queries
+        sims, ids = _device_top_k(self._rows, padded, k)
+        return np.asarray(sims)[:n], np.asarray(ids)[:n].astype(np.int64)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _device_top_k(rows, queries, k):
+    """(sims, ids) [Q, k] of the k rows of ``rows`` [R, D] most similar to ``queries`` [Q, D]."""
+    sims = jnp.dot(queries, rows.T, precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.top_k(sims, k)
+
+
+def _search_index(make_index, query, query_labels, rows, row_of, gallery_labels, num_relevant,
+                  *, all_vs_all, max_k, block_size):
+    """Exact inner-product kNN over the distinct gallery rows, expanded to the items.
+
+    ``make_index(rows, k=, block_size=)`` builds the searcher (:func:`_faiss_index` or
+    :class:`_DeviceIndex`). Each query gets the k nearest distinct rows; every item of a row
+    has that row's similarity, so exact duplicates are ranked by index. k rows hold at least k
+    items, so k = max(max_k, max R) (+ 1 all-vs-all, for the query itself) rows always fill
+    the list.
+    """
+    num_candidates = len(row_of) - int(all_vs_all)
+    list_len = min(max(max_k, int(num_relevant.max())), num_candidates)
+    need = list_len + int(all_vs_all)  # items per query before its own index is dropped
+    k = min(need, len(rows))
+    index = make_index(rows, k=k, block_size=block_size)
     multiplicity = np.bincount(row_of, minlength=len(rows))
     items_by_row = np.argsort(row_of, kind="stable")  # grouped by row, index order within
     row_start = np.cumsum(multiplicity) - multiplicity

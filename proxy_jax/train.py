@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from proxy_jax import checkpoints, config_utils, inference, methods, models, multihost, parallel
+from proxy_jax import (checkpoints, config_utils, inference, methods, models, multihost, parallel,
+                       summary_writer)
 from proxy_jax.data import datasets, pipeline, samplers, splits, transforms
 from proxy_jax.methods.base import Plan, TrainState
 
@@ -323,8 +324,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       FloatingPointError: the loss became NaN or infinite (the message names the step; the
         last checkpoint, written before it, is kept).
     """
-    from clu import metric_writers
-
     check_workdir(workdir)
     run = build(config)
     os.makedirs(workdir, exist_ok=True)
@@ -378,10 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     embed_fn = inference.make_embed_fn(run.model, run.mesh)
     primary = multihost.is_primary()
     # Process 0 writes TensorBoard events; the others' writer drops everything (the values
-    # are the same). The progress lines come from the loop's own logging, so no
-    # LoggingWriter (it would print every line a second time).
-    writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
-              if primary else metric_writers.MultiWriter([]))
+    # are the same). The progress lines come from the loop's own logging.
+    writer = summary_writer.SummaryWriter(workdir) if primary else summary_writer.NullWriter()
     if record is None:
         writer.write_hparams(_flatten_config(config))
 

@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402  (after the environment above)
 
 # torch, a test-only reference, imports its compiler stack (torch._dynamo, triton) lazily,
-# e.g. when the first optimizer is built. Done after TensorFlow (clu's writers, tfds) is
+# e.g. when the first optimizer is built. Done after TensorFlow (the tfds sources) is
 # loaded in the same worker, that import segfaults it; done first, it is harmless.
 try:
     import torch._dynamo  # noqa: F401, E402

@@ -18,7 +18,7 @@ import pytest
 from proxy_jax import evaluation as ev
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-METHODS = ("blocks", "faiss")
+METHODS = ("blocks", "faiss", "device")
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,8 @@ def _assert_rank_margin(x, y, ks, gallery=None, gallery_labels=None):
 
 
 @pytest.mark.parametrize("kind", ["random", "clustered"])
-@pytest.mark.parametrize("method,block_size", [("blocks", 4096), ("blocks", 37), ("faiss", 64)])
+@pytest.mark.parametrize("method,block_size", [("blocks", 4096), ("blocks", 37), ("faiss", 64),
+                                               ("device", 64)])
 def test_equals_official_proxy_synthesis(official, kind, method, block_size):
     numbers, arrays = official
     x, y = arrays[f"{kind}_embeddings"], arrays[f"{kind}_labels"]
@@ -147,7 +148,8 @@ def test_singletons_and_duplicates_like_pml(method):
     assert got["map@r"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)
 
 
-@pytest.mark.parametrize("method,block_size", [("blocks", 4096), ("blocks", 9), ("faiss", 32)])
+@pytest.mark.parametrize("method,block_size", [("blocks", 4096), ("blocks", 9), ("faiss", 32),
+                                               ("device", 32)])
 def test_gallery_equals_pml(method, block_size):
     x, y = _clustered(4, 150, 8, classes=20, noise=0.8)
     query, query_labels = x[:60], y[:60].copy()
@@ -283,7 +285,8 @@ def test_exact_duplicates_rank_by_index_everywhere(gallery, ks):
     assert len(np.unique(_unit(x), axis=0)) == 20     # many duplicates indeed
     want = _float64_rule(q, qy, ks, kwargs.get("gallery_embeddings"),
                          kwargs.get("gallery_labels"))
-    runs = [("blocks", b) for b in (1, 7, 16, 4096)] + [("faiss", b) for b in (1, 7, 4096)]
+    runs = ([("blocks", b) for b in (1, 7, 16, 4096)] + [("faiss", b) for b in (1, 7, 4096)]
+            + [("device", b) for b in (7, 4096)])
     for method, block_size in runs:
         got = ev.retrieval_metrics(q, qy, ks=ks, method=method, block_size=block_size,
                                    **kwargs)
@@ -362,6 +365,9 @@ def test_methods_agree_and_labels_are_arbitrary_ints():
     for block_size in (4096, 64, 5):
         got = ev.retrieval_metrics(x.astype(np.float64) * 4.0, y * 1000 - 7, ks=ks,
                                    method="blocks", block_size=block_size)
+        assert got == pytest.approx(ref, abs=1e-12)
+    for block_size in (4096, 64):
+        got = ev.retrieval_metrics(x, y, ks=ks, method="device", block_size=block_size)
         assert got == pytest.approx(ref, abs=1e-12)
     assert ev.retrieval_metrics(x, y, ks=ks) == pytest.approx(ref, abs=1e-12)  # 'auto'
 

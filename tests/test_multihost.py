@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from proxy_jax import multihost
+from proxy_jax import multihost, summary_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.data.dataset=folder", "--config.data.input_size=16", "--config.data.resize=16",
@@ -156,16 +156,8 @@ def _train(workdir, args, *, processes, cache, steps):
 
 def _losses(workdir) -> dict:
     """{step: train/loss} from the TensorBoard events (written by process 0 only)."""
-    tf = pytest.importorskip("tensorflow")
-    events = glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
-    assert len(events) >= 1
-    losses = {}
-    for path in events:
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == "train/loss":
-                    losses[event.step] = float(tf.make_ndarray(value.tensor))
-    return losses
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+    return summary_writer.read_scalars(workdir)["train/loss"]
 
 
 def _state(workdir, step) -> dict:

@@ -46,6 +46,25 @@ TFDS_BENCHMARKS = {
 _SCAN_CHUNK = 1024
 
 
+def import_tfds():
+    """``tensorflow_datasets``, imported with TensorFlow kept off every GPU.
+
+    TensorFlow is an optional extra (``requirements-tfds.txt``), used only here. Left alone it
+    would claim the GPUs' memory beside JAX, so before tfds loads it, it is told to see no GPU
+    (as flax's examples do); it reads records on the CPU. Raises ImportError in one line, naming
+    the extra, when tensorflow-datasets is not installed.
+    """
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            f"data.dataset='tfds' needs TensorFlow and tensorflow-datasets ({e}); install them "
+            "with: pip install -r requirements-tfds.txt") from None
+    tf.config.set_visible_devices([], "GPU")
+    return tfds
+
+
 def _read_many(source, keys):
     """Batched read (ArrayRecord reads a batch in parallel), one by one where unsupported."""
     try:
@@ -79,8 +98,7 @@ class TfdsDataset:
         spec = TFDS_BENCHMARKS[name]
         if split not in spec.class_ranges:
             raise ValueError(f"split must be one of {sorted(spec.class_ranges)}, got {split!r}")
-        import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only when used
-
+        tfds = import_tfds()
         builder = tfds.builder(name, data_dir=data_dir)
         if download:
             builder.download_and_prepare(file_format="array_record")
