@@ -50,7 +50,7 @@ FULL = dict(matmul=8192, image=224, rn50_batch=120, bni_batch=180, pa_batch=180,
                                           num_classes=98, dim=512),
             eval_n=60502, eval_dim=512, eval_classes=11316, eval_ks=(1, 10, 100, 1000),
             blocks=3, reps=5, main_epochs=4)
-DRY = dict(matmul=256, image=32, rn50_batch=2, bni_batch=2, pa_batch=16, pa_classes=50,
+DRY = dict(matmul=256, image=64, rn50_batch=2, bni_batch=2, pa_batch=16, pa_classes=50,
            memvir=dict(num_steps=3, step_gap=1, batch_size=8, num_classes=10, dim=16),
            eval_n=600, eval_dim=16, eval_classes=100, eval_ks=(1, 10),
            blocks=1, reps=1, main_epochs=1)
