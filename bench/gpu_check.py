@@ -366,7 +366,8 @@ def torch_train_step(config_name, *, batch, size, amp, channels_last, compile_,
         import pretrainedmodels
 
         net = pretrainedmodels.bninception(pretrained=None)
-        features, width = net.features, 1024
+        net.last_linear = torch.nn.Identity()
+        features, width = _FeatureMap(net), 1024
     embedding = torch.nn.Linear(width, config.model.embedding_dim)
     loss_fn = pml_losses.ProxyAnchorLoss(num_classes, config.model.embedding_dim,
                                          margin=config.loss.margin, alpha=config.loss.alpha)
@@ -404,6 +405,21 @@ def torch_train_step(config_name, *, batch, size, amp, channels_last, compile_,
         opt.step()
         _torch_sync()
     return run
+
+
+def _FeatureMap(net):
+    """A module whose forward is ``net.features`` (Cadene's models expose it as a method)."""
+    import torch
+
+    class FeatureMap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            return self.net.features(images)
+
+    return FeatureMap()
 
 
 def section_train(sizes, report, deadline):
