@@ -15,9 +15,11 @@ module's own argument parser (choices included); ``-r`` requirement files exist.
 """
 import argparse
 import ast
+import importlib.util
 import os
 import re
 import shlex
+import sys
 
 import ml_collections
 import numpy as np
@@ -266,6 +268,8 @@ BASH_BLOCKS = _blocks("bash")
 def test_bash_block_commands_name_what_exists(line, code, monkeypatch):
     checked = 0
     for command in _commands(code):
+        while command and re.match(r"^[A-Z_][A-Z0-9_]*=", command[0]):  # VAR=value prefixes
+            command = command[1:]
         if command[0] == "srun":        # Slurm's launcher: the rest is the command
             command = command[1:]
         wrapped = [t[len("--wrap="):] for t in command if t.startswith("--wrap=")]
@@ -289,6 +293,16 @@ def test_bash_block_commands_name_what_exists(line, code, monkeypatch):
                            if not a.startswith("-") and not a.isdigit())
             elif module != "venv":
                 pytest.fail(f"README.md line {line}: no check for `python -m {module}`")
+            checked += 1
+        elif program == "bash" and len(command) > 1:  # a script of the repository
+            assert os.path.isfile(os.path.join(REPO, command[1])), f"line {line}: {command[1]}"
+            if command[1] == "bench/gpu_check.sh":  # its flags are gpu_check.py's
+                monkeypatch.setattr(sys, "path", list(sys.path))  # the module extends it
+                spec = importlib.util.spec_from_file_location(
+                    "gpu_check", os.path.join(REPO, "bench", "gpu_check.py"))
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                module.parse_args(command[2:])
             checked += 1
         else:
             assert program in NOT_CHECKED, f"README.md line {line}: no check for {command}"

@@ -167,7 +167,10 @@ def test_configs_of_loaders_without_drop_last_keep_the_partial_batch():
     for path in sorted(pathlib.Path("configs").glob("*.py")):
         if path.stem in ("__init__", "dada_base"):
             continue
-        config = importlib.import_module(f"configs.{path.stem}").get_config()
+        module = importlib.import_module(f"configs.{path.stem}")
+        if not hasattr(module, "get_config"):  # a shared base of variants (ViT recipes)
+            continue
+        config = module.get_config()
         assert config.data.drop_last == (path.stem not in PARTIAL_CONFIGS), path.stem
 
 
