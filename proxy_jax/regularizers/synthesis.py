@@ -24,6 +24,17 @@ __all__ = ["proxy_synthesis", "masked_proxy_synthesis", "distinct_neighbours", "
            "REORDERS"]
 
 
+def _mixing_coefficient(lam, key, alpha: float, dtype):
+    """The step's λ: ``lam`` as given, else one draw of Beta(α, α) from ``key``."""
+    if lam is None:
+        if key is None:
+            raise ValueError("key must be a PRNG key when lam is not given")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        lam = jax.random.beta(key, alpha, alpha)
+    return jnp.asarray(lam, dtype=dtype)
+
+
 def _static_float(mu) -> float:
     """``mu`` as a Python float; it fixes output shapes, so it cannot be traced."""
     if isinstance(mu, (bool, jax.core.Tracer)):
@@ -136,13 +147,7 @@ def proxy_synthesis(
     _check_mixed_neighbours(labels, num_synthetic)
     embeddings, labels, proxies = map(jnp.asarray, (embeddings, labels, proxies))
 
-    if lam is None:
-        if key is None:
-            raise ValueError("key must be a PRNG key when lam is not given")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        lam = jax.random.beta(key, alpha, alpha)
-    lam = jnp.asarray(lam, dtype=embeddings.dtype)
+    lam = _mixing_coefficient(lam, key, alpha, embeddings.dtype)
     if lam.ndim != 0:
         raise ValueError(f"lam must be a scalar, got shape {lam.shape}")
 
@@ -208,13 +213,7 @@ def masked_proxy_synthesis(
     num_slots = math.floor(batch * mu)
     if num_slots == 0:
         raise ValueError(f"mu={mu} with a batch of {batch} synthesizes no sample")
-    if lam is None:
-        if key is None:
-            raise ValueError("key must be a PRNG key when lam is not given")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        lam = jax.random.beta(key, alpha, alpha)
-    lam = jnp.asarray(lam, dtype=embeddings.dtype)
+    lam = _mixing_coefficient(lam, key, alpha, embeddings.dtype)
     mask = jnp.asarray(sample_mask, bool)
     real = jnp.sum(mask.astype(jnp.int32))
     labels = jnp.where(mask, labels, 0).astype(jnp.asarray(labels).dtype)
