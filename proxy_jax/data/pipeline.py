@@ -525,6 +525,11 @@ class Loader:
                     batch = self._finish(shared)
                     del shared
         except BaseException as error:
+            # The traceback keeps this frame: a batch still in shared memory (a Ctrl-C in
+            # the instant between grain's next() and the deferring block) must not stay
+            # bound in it, or it lives until the process is gone ("leaked shared_memory").
+            with _sigint_deferred():
+                batch = shared = None
             self._holder[2] = self.num_workers > 0  # an error ends the workers' data too
             if not isinstance(error, Exception):
                 if self.num_workers > 0 and error.__traceback__ is not None:

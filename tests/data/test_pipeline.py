@@ -442,6 +442,19 @@ _SIGNAL_SCRIPT = textwrap.dedent("""
             print("running", flush=True)
             while True:
                 next(c)
+        elif mode == "interrupt_after_batch":  # Ctrl-C between grain's next() and the deferral
+            import proxy_jax.data.pipeline as pipeline
+            calls = []
+            class Late(pipeline._sigint_deferred):
+                def __enter__(self):
+                    calls.append(1)
+                    if len(calls) == 3:
+                        raise KeyboardInterrupt
+                    return super().__enter__()
+            pipeline._sigint_deferred = Late
+            c = loader()
+            while True:
+                next(c)
         elif mode == "interrupt_starting":  # handled, as train.py does, during worker start-up
             got = []
             signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
@@ -575,6 +588,16 @@ def test_ctrl_c_prints_one_keyboard_interrupt(tmp_path):
     # The main process's traceback only: none from the workers ("Process grain-...").
     assert err.count("Traceback") == 1 and err.count("KeyboardInterrupt") == 1, err[-5000:]
     assert "Process " not in err and "leaked shared_memory" not in err, err[-5000:]
+
+
+def test_ctrl_c_right_after_a_batch_arrived_leaks_no_shared_memory(tmp_path):
+    # The CI once sent Ctrl-C in the instant between grain handing over a batch (still in
+    # shared memory) and the block that defers signals: the traceback kept __next__'s
+    # frame, and with it the batch, until the process was gone ("leaked shared_memory").
+    returncode, out, err = _run_script(tmp_path, "interrupt_after_batch")
+    assert returncode == -signal.SIGINT and err.count("Traceback") == 1, err[-3000:]
+    assert err.rstrip().endswith("\nKeyboardInterrupt"), err[-3000:]
+    assert "leaked shared_memory" not in err and "Process " not in err, err[-3000:]
 
 
 def test_ctrl_c_during_worker_start_up_leaves_the_workers_running(tmp_path):
