@@ -14,9 +14,10 @@ machine), section by section as each finishes, so a run cut short still reports 
    parameters and loss; 'device' evaluation equal to 'blocks'; one ``main.py`` run on the
    embedded data.
 4. **benchmarks** against torch on the same device, the two sides interleaved in blocks and
-   the median of the block medians reported: ResNet-50 (batch 120) and BN-Inception (batch
-   180) train steps at 224² (frozen BatchNorm, Proxy-Anchor, AdamW; the cub200 Proxy-Anchor
-   configs) in float32 and bfloat16 (torch: float32, AMP bfloat16 + channels_last, and
+   the median of the block medians reported: ResNet-50 (batch 120), BN-Inception (batch
+   180) and ViT-S/16 (batch 120, timm's on the torch side) train steps at 224² (frozen
+   BatchNorm, Proxy-Anchor, AdamW; the cub200 Proxy-Anchor configs) in float32 and bfloat16
+   (torch: float32, AMP bfloat16 + channels_last, and
    ``torch.compile`` of the AMP step while time allows); XLA's achieved FLOP/s of the
    ResNet-50 step (its compiled cost analysis over the step time) against the matmul
    ceiling; Proxy-Anchor at SOP scale (B=180, C=11,318); the MemVir Norm-SoftMax step (N=45,
@@ -45,22 +46,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-FULL = dict(matmul=8192, image=224, rn50_batch=120, bni_batch=180, pa_batch=180,
+FULL = dict(matmul=8192, image=224, rn50_batch=120, bni_batch=180, vit_batch=120, pa_batch=180,
             pa_classes=11318, memvir=dict(num_steps=45, step_gap=10, batch_size=128,
                                           num_classes=98, dim=512),
             eval_n=60502, eval_dim=512, eval_classes=11316, eval_ks=(1, 10, 100, 1000),
             blocks=3, reps=5, main_epochs=4)
-DRY = dict(matmul=256, image=64, rn50_batch=2, bni_batch=2, pa_batch=16, pa_classes=50,
+DRY = dict(matmul=256, image=64, rn50_batch=2, bni_batch=2, vit_batch=2, pa_batch=16,
+           pa_classes=50,
            memvir=dict(num_steps=3, step_gap=1, batch_size=8, num_classes=10, dim=16),
            eval_n=600, eval_dim=16, eval_classes=100, eval_ks=(1, 10),
            blocks=1, reps=1, main_epochs=1)
 # (config, batch size key, dtype) of the train-step rows; the dry run compiles each backbone
 # once (a ResNet-50 step takes ~30 s to compile on a CPU).
 TRAIN_ROWS = tuple((c, b, d) for c, b in (("cub200_proxy_anchor_resnet50", "rn50_batch"),
-                                          ("cub200_proxy_anchor_bn_inception", "bni_batch"))
+                                          ("cub200_proxy_anchor_bn_inception", "bni_batch"),
+                                          ("cub200_proxy_anchor_vit_s16_dino", "vit_batch"))
                    for d in ("float32", "bfloat16"))
 DRY_TRAIN_ROWS = (("cub200_proxy_anchor_resnet50", "rn50_batch", "bfloat16"),
-                  ("cub200_proxy_anchor_bn_inception", "bni_batch", "float32"))
+                  ("cub200_proxy_anchor_bn_inception", "bni_batch", "float32"),
+                  ("cub200_proxy_anchor_vit_s16_dino", "vit_batch", "bfloat16"))
 # The test files whose tests mean something on a GPU (jit, the steps, evaluation).
 TEST_FILES = ("tests/test_losses.py", "tests/regularizers", "tests/methods/test_proxy.py",
               "tests/test_objective.py", "tests/test_evaluation.py")
@@ -304,6 +308,8 @@ def _seed_config(name, *, batch, size, dtype):
     config = importlib.import_module(f"configs.{name}").get_config()
     config.model.pretrained = ""
     config.model.dtype = dtype
+    # Every step updates every parameter on both sides (no proxy-only first epoch).
+    config.optimizer.warmup_epochs = 0
     config.data.batch_size = batch
     config.data.input_size = config.data.resize = size
     config.num_devices = 1
@@ -349,6 +355,8 @@ def torch_train_step(config_name, *, batch, size, amp, channels_last, compile_,
     """One synchronized torch train step of the same recipe: the torchvision / Cadene backbone,
     GAP + GMP, a linear embedding, pytorch-metric-learning's ProxyAnchorLoss, AdamW with the
     config's groups, gradient values clipped as the config says, BatchNorm frozen (eval mode).
+    A ViT config: timm's model (its drop path rate, training mode), its class token, the
+    linear embedding only where ``embedding_dim`` > 0, gradients clipped by global norm.
     ``amp``: autocast to bfloat16 (the loss in float32)."""
     import torch
     import torch.nn.functional as F
@@ -357,7 +365,14 @@ def torch_train_step(config_name, *, batch, size, amp, channels_last, compile_,
     config = _seed_config(config_name, batch=batch, size=size, dtype="float32")
     device = _torch_device()
     torch.manual_seed(0)
-    if config.model.backbone == "resnet50":
+    vit = config.model.backbone.startswith(("vit_", "deit_"))
+    if vit:
+        import timm
+
+        net = timm.create_model(config.model.backbone, pretrained=False, num_classes=0,
+                                img_size=size, drop_path_rate=config.model.drop_path_rate)
+        features, width = _ClassToken(net), net.embed_dim
+    elif config.model.backbone == "resnet50":
         import torchvision
 
         net = torchvision.models.resnet50()
@@ -368,26 +383,30 @@ def torch_train_step(config_name, *, batch, size, amp, channels_last, compile_,
         net = pretrainedmodels.bninception(pretrained=None)
         net.last_linear = torch.nn.Identity()
         features, width = _FeatureMap(net), 1024
-    embedding = torch.nn.Linear(width, config.model.embedding_dim)
-    loss_fn = pml_losses.ProxyAnchorLoss(num_classes, config.model.embedding_dim,
+    dim = config.model.embedding_dim or width
+    embedding = (torch.nn.Linear(width, dim) if config.model.embedding_dim
+                 else torch.nn.Sequential())  # an empty Sequential has no parameters
+    loss_fn = pml_losses.ProxyAnchorLoss(num_classes, dim,
                                          margin=config.loss.margin, alpha=config.loss.alpha)
     features, embedding, loss_fn = features.to(device), embedding.to(device), loss_fn.to(device)
-    if channels_last:
+    if channels_last and not vit:
         features = features.to(memory_format=torch.channels_last)
-    features.eval()  # frozen BatchNorm (no dropout in the feature extractor)
+    features.train(vit)  # frozen BatchNorm (no dropout in the CNNs); a ViT's drop path trains
     opt = torch.optim.AdamW(
         [{"params": features.parameters(), "lr": config.optimizer.backbone_lr},
          {"params": embedding.parameters(), "lr": config.optimizer.embedding_lr},
          {"params": loss_fn.parameters(), "lr": config.optimizer.proxy_lr}],
         eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay)
-    clip = config.optimizer.grad_clip_value
+    clip, clip_norm = config.optimizer.grad_clip_value, config.optimizer.grad_clip_norm
     images = torch.randn(batch, 3, size, size, device=device)
-    if channels_last:
+    if channels_last and not vit:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (batch,), device=device)
 
     def forward(images):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if vit:
+                return embedding(features(images))
             fmap = features(images)
             pooled = F.adaptive_avg_pool2d(fmap, 1) + F.adaptive_max_pool2d(fmap, 1)
             return embedding(pooled.flatten(1))
@@ -402,9 +421,26 @@ def torch_train_step(config_name, *, batch, size, amp, channels_last, compile_,
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_value_(params, clip)
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
         _torch_sync()
     return run
+
+
+def _ClassToken(net):
+    """A module whose forward is a timm ViT's class token after its final norm [B, C]."""
+    import torch
+
+    class ClassToken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            return self.net.forward_features(images)[:, 0]
+
+    return ClassToken()
 
 
 def _FeatureMap(net):

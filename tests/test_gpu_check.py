@@ -31,7 +31,8 @@ def test_dry_run_writes_every_section(tmp_path):
     assert report["checks"]["memvir_in_place"]["copies"] == 0
     rows = {(r["config"], r["dtype"]): r for r in report["train"]}
     assert set(rows) == {("cub200_proxy_anchor_resnet50", "bfloat16"),
-                         ("cub200_proxy_anchor_bn_inception", "float32")}
+                         ("cub200_proxy_anchor_bn_inception", "float32"),
+                         ("cub200_proxy_anchor_vit_s16_dino", "bfloat16")}
     assert all(r["proxy_jax_ms"] > 0 and r["torch_ms"] > 0 for r in rows.values())
     assert [r["loss_relative_difference"] < 1e-5 for r in report["losses"]] == [True, True]
     assert [r["method"] for r in report["evaluation"]] == ["device", "faiss", "blocks"]
