@@ -48,15 +48,21 @@ def _relative(a, b) -> float:
 
 
 def _flax_tokens(arch, net, images_nchw, tmp_path, *, dtype=jnp.float32):
-    path = str(tmp_path / f"{arch}.npz")
-    save_weights(path, convert.convert_state_dict(net.state_dict(), arch), arch=arch)
+    """(model, variables, tokens [B, T, C] float32) of the Flax ``arch`` loaded from ``net``'s
+    state_dict through the converter and a weight file (written once per tmp_path)."""
+    path = tmp_path / f"{arch}.npz"
+    if not path.exists():
+        save_weights(str(path), convert.convert_state_dict(net.state_dict(), arch), arch=arch)
     model = create_model(backbone=arch, embedding_dim=0, pooling="cls", dtype=dtype)
     size = images_nchw.shape[-1]
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
-    variables = load_pretrained(variables, path, arch)
+    # The weight file replaces every variable (no embedding layer): only the shapes of an
+    # init are needed, and an eager init of ViT-B/16 takes 8 s on the CPU.
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))
+    variables = load_pretrained(shapes, str(path), arch)
+    assert all(isinstance(v, jax.Array) for v in jax.tree.leaves(variables))
     x = jnp.asarray(images_nchw.numpy().transpose(0, 2, 3, 1))
-    return model, variables, np.asarray(
-        model.apply(variables, x, method="features").astype(jnp.float32))
+    features = jax.jit(lambda v, x: model.apply(v, x, method="features"))
+    return model, variables, np.asarray(features(variables, x).astype(jnp.float32))
 
 
 @pytest.mark.parametrize("arch", VITS + ("vit_tiny_test",))
