@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 
 from proxy_jax import multihost, summary_writer
@@ -32,7 +31,12 @@ TINY = ["--config.data.dataset=folder", "--config.data.input_size=16", "--config
         # Adam's eps of the PS/MemVir seeds: with 1e-8 Adam's first step is ±lr for any
         # non-zero gradient, so round-off of ~0 gradients (summed in another order across
         # processes) would flip whole steps.
-        "--config.optimizer.eps=0.01"]
+        "--config.optimizer.eps=0.01",
+        # A tenth of the default's learning rates: three steps at 2e-3 on this tiny network
+        # are chaotic (the loss goes 9.8, 5.0, 8.0), so any round-off grows by orders of
+        # magnitude per step and a comparison after them measures the chaos, not the code.
+        "--config.optimizer.backbone_lr=2e-4", "--config.optimizer.embedding_lr=2e-4",
+        "--config.optimizer.proxy_lr=1e-3"]
 METHODS = {
     "norm_softmax_ps": ["--config.regularizer.name=ps", "--config.regularizer.ps_mu=1.0"],
     "memvir": ["--config.regularizer.name=memvir", "--config.regularizer.memvir_num_steps=2",
@@ -174,25 +178,24 @@ def _state(workdir, step) -> dict:
     return jax.device_get(checkpointer.restore(path, abstract))
 
 
-def _assert_same_training(two, one, steps):
+def _assert_same_training(check, two, one, steps):
+    """``check`` (the assert_same_training fixture) on the losses of ``steps`` and the
+    states after the last of them."""
     losses_two, losses_one = _losses(two), _losses(one)
-    np.testing.assert_allclose([losses_two[s] for s in steps], [losses_one[s] for s in steps],
-                               rtol=1e-5, atol=1e-6)
     a, b = _state(two, steps[-1]), _state(one, steps[-1])
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for path, x, y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(a),
-                          jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path[0]))
+    check([losses_two[s] for s in steps], [losses_one[s] for s in steps], jax.tree.leaves(a),
+          jax.tree.leaves(b), first_step=steps[0])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_two_processes_train_as_one_and_resume_in_one(tiny_root, tmp_path, xla_cache, method):
+def test_two_processes_train_as_one_and_resume_in_one(tiny_root, tmp_path, xla_cache, method,
+                                                      assert_same_training):
     args = METHODS[method] + [f"--config.data.root={tiny_root}"] + TINY
     two, one = str(tmp_path / "two"), str(tmp_path / "one")
     run = _train(two, args, processes=2, cache=xla_cache, steps=3)
     _train(one, args, processes=1, cache=xla_cache, steps=3)
-    _assert_same_training(two, one, steps=[1, 2, 3])
+    _assert_same_training(assert_same_training, two, one, steps=[1, 2, 3])
 
     # Process 0 alone wrote events, pictures and metrics; the metrics (computed by process
     # 0 from the embeddings gathered from both) are the single process's.
@@ -216,7 +219,7 @@ def test_two_processes_train_as_one_and_resume_in_one(tiny_root, tmp_path, xla_c
         for workdir in (two, one):
             resumed = _train(workdir, args, processes=1, cache=xla_cache, steps=5)
             assert "resumed from" in resumed.log() and "at step 3" in resumed.log()
-        _assert_same_training(two, one, steps=[4, 5])
+        _assert_same_training(assert_same_training, two, one, steps=[4, 5])
 
 
 def test_signal_stops_all_and_dead_process_fails_the_run(tiny_root, tmp_path, xla_cache):

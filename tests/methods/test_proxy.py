@@ -43,7 +43,8 @@ def _one_run(config, plan, num_devices, num_steps):
     ({"regularizer.name": "memvir", "regularizer.memvir_num_steps": 2,
       "regularizer.memvir_step_gap": 0, "loss.name": "proxy_nca"}, 3),  # MemVir, memory used
 ], ids=["norm_softmax_ps", "proxy_anchor", "memvir"])
-def test_step_is_independent_of_the_device_count(tiny_root, tiny_config, changes, num_steps):
+def test_step_is_independent_of_the_device_count(tiny_root, tiny_config, changes, num_steps,
+                                                 assert_same_training):
     # Adam's eps of the Proxy Synthesis / MemVir seeds (0.01). With eps=1e-8 Adam's first
     # step is ±lr for any non-zero gradient, so the float32 round-off of gradients that
     # are ~0 (summed in a different order on 1 or 8 devices) would flip whole steps.
@@ -54,15 +55,14 @@ def test_step_is_independent_of_the_device_count(tiny_root, tiny_config, changes
     assert np.all(np.isfinite(reference_losses))
     for n in (2, 8):
         losses, state = _one_run(config, initial, n, num_steps)
-        np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6)
-        for a, b in zip(jax.tree.leaves((state.params, state.batch_stats, state.extra)),
-                        jax.tree.leaves((reference.params, reference.batch_stats,
-                                         reference.extra))):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert_same_training(
+            losses, reference_losses,
+            jax.tree.leaves((state.params, state.batch_stats, state.extra)),
+            jax.tree.leaves((reference.params, reference.batch_stats, reference.extra)))
 
 
 def test_step_is_independent_of_the_convolution_implementation(tiny_root, tiny_config,
-                                                              monkeypatch):
+                                                              monkeypatch, assert_same_training):
     """oneDNN convolutions (what a one-device CPU run uses) and XLA's give the same training
     (tiny_cnn, BatchNorm trained, Norm-SoftMax + PS, 2 steps)."""
     config = tiny_config(tiny_root, **{"optimizer.eps": 0.01, "regularizer.name": "ps"})
@@ -72,10 +72,8 @@ def test_step_is_independent_of_the_convolution_implementation(tiny_root, tiny_c
         monkeypatch.setenv("PROXY_JAX_CONV", conv)
         runs[conv] = _one_run(config, initial, 1, 2)
     (xla_losses, xla_state), (losses, state) = runs["xla"], runs["onednn"]
-    np.testing.assert_allclose(losses, xla_losses, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
-                    jax.tree.leaves((xla_state.params, xla_state.batch_stats))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_same_training(losses, xla_losses, jax.tree.leaves((state.params, state.batch_stats)),
+                         jax.tree.leaves((xla_state.params, xla_state.batch_stats)))
 
 
 def test_memvir_step_updates_the_memory_without_copying_it(tiny_root, tiny_config):
@@ -152,7 +150,8 @@ def test_padded_step_equals_the_step_on_the_partial_batch(tiny_root, tiny_config
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_padded_ps_memvir_steps_are_independent_of_the_device_count(tiny_root, tiny_config):
+def test_padded_ps_memvir_steps_are_independent_of_the_device_count(tiny_root, tiny_config,
+                                                                   assert_same_training):
     """PS then MemVir over full and padded batches (the padded global batch divides across
     devices): 1 and 8 devices give the same losses, parameters and memory."""
     config = tiny_config(tiny_root, **{
@@ -173,8 +172,6 @@ def test_padded_ps_memvir_steps_are_independent_of_the_device_count(tiny_root, t
         runs.append((losses, jax.device_get(state)))
     (reference_losses, reference), (losses, state) = runs
     assert np.all(np.isfinite(reference_losses))
-    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves((state.params, state.extra)),
-                    jax.tree.leaves((reference.params, reference.extra))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_same_training(losses, reference_losses, jax.tree.leaves((state.params, state.extra)),
+                         jax.tree.leaves((reference.params, reference.extra)))
     assert int(np.sum(np.asarray(state.extra["memvir"].labels) < 0)) == 3
