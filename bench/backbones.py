@@ -8,8 +8,9 @@ at 224x224, for the same network on both sides: torchvision ``resnet50`` trunk �
 Linear(2048, 512) → l2 normalization, the Flax one loaded from the torch weights through
 ``proxy_jax.convert`` (the outputs are checked to agree before timing). With a ViT
 ``--arch`` (e.g. ``vit_small_patch16_224``) the torch side is timm's model (``pretrained=False``)
-→ class token → Linear(384, 512) → l2 normalization, the Flax side pools 'cls'; there is
-no convolution to choose, so use ``--conv xla`` (one row).
+→ class token → Linear(384, 512) → l2 normalization, the Flax side pools 'cls'; there the
+``--conv`` modes choose the implementation of the dense layers (oneDNN's matmul or XLA's
+dot; the same PROXY_JAX_CONV switch).
 
 Fairness: both run in one process pinned to the same ``--threads`` cores
 (``os.sched_setaffinity``, ``torch.set_num_threads``; XLA's CPU pool follows the affinity);
@@ -25,7 +26,7 @@ measured there too; otherwise the table says none was available.
 
     python bench/backbones.py            # ~3 min on 2 quiet cores
     python bench/backbones.py --quick    # smaller batches, one timed block (~1 min)
-    python bench/backbones.py --arch vit_small_patch16_224 --conv xla   # ViT-S/16 vs timm
+    python bench/backbones.py --arch vit_small_patch16_224   # ViT-S/16 vs timm (~3 min)
 """
 import argparse
 import os

@@ -6,7 +6,7 @@ counts padding); module names follow the PyTorch attribute names so that a state
 ``a.b.weight`` maps to the Flax path ``a/b/kernel`` (see proxy_jax.convert).
 """
 from functools import partial
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -15,7 +15,7 @@ from jax import lax
 
 from proxy_jax.models import onednn_conv
 
-__all__ = ["Conv", "BatchNormRule", "BatchNorm", "ConvBN", "conv_bn", "frozen_affine", "max_pool", "avg_pool",
+__all__ = ["Conv", "Dense", "BatchNormRule", "BatchNorm", "ConvBN", "conv_bn", "frozen_affine", "max_pool", "avg_pool",
            "conv_init"]
 
 # torchvision initialises its convolutions with kaiming_normal_(mode='fan_out', relu);
@@ -73,6 +73,30 @@ class Conv(nn.Module):
             if term is not None:
                 y = y + term
         return nn.relu(y) if relu else y
+
+
+class Dense(nn.Module):
+    """``flax.linen.Dense`` (the same parameters, names and initialisation: 'kernel'
+    [C_in, features], 'bias' [features], float32) whose product is oneDNN's matmul on the
+    CPU, forward and both gradients, under the same rule as :class:`Conv`'s convolutions
+    (see proxy_jax.models.onednn_conv); XLA's dot elsewhere.
+
+    Call: x [..., C_in] → [..., features] in ``dtype``.
+    """
+
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        if onednn_conv.use_onednn(self.dtype):
+            return onednn_conv.dense(x, kernel, bias)
+        return x @ kernel + bias
 
 
 class BatchNormRule(NamedTuple):

@@ -7,22 +7,29 @@ convolutions of a training step (forward, input gradient, weight gradient) are o
 primitives called from XLA through its FFI (``csrc/onednn_conv.cc``), tied together by a
 ``jax.custom_vjp``, so jit, grad and the rest of the graph stay XLA's.
 
+The same library also computes dense layers (:func:`dense`: ``x @ kernel + bias`` and its
+two gradients as oneDNN matmuls, used by ``proxy_jax.models.layers.Dense``, i.e. every
+linear layer of a ViT): on ViT-S/16 forward+backward (batch 32, 2 cores, a Xeon with AMX)
+they took the speed from 0.68x to 0.84x timm's, where XLA's dots ran at 230-370 GFLOP/s
+and oneDNN's at 240-360 with no XLA thread pool running beside them.
+
 The forward call also adds a bias and a residual and applies a ReLU inside oneDNN's loop
 (post-ops). The backbones fold each frozen BatchNorm into its convolution's kernel and bias
 (proxy_jax.models.layers.conv_bn), so conv → BN → (+ shortcut) → ReLU is one call, not a
 call and a pass over the activations: on ResNet-50 forward+backward (batch 32) this took
 the speed from 0.97x to 1.09x PyTorch's.
 
-Which implementation a convolution uses is decided when it is traced, by the environment
-variable ``PROXY_JAX_CONV``:
+Which implementation a convolution or a dense layer uses is decided when it is traced, by
+the environment variable ``PROXY_JAX_CONV``:
 
 * ``auto`` (default): oneDNN for float32 convolutions when JAX computes on the CPU with a
   single device and the library can be built; XLA otherwise (GPUs, bfloat16, several
   devices: XLA cannot split a foreign call over a device mesh, so it would run it whole on
   every device).
-* ``xla``: always XLA's convolution, e.g. for forward-mode or higher-order derivatives,
-  which the custom VJP does not define.
-* ``onednn``: oneDNN for every float32 convolution, or an error saying why it is unavailable.
+* ``xla``: always XLA's convolution and dot, e.g. for forward-mode or higher-order
+  derivatives, which the custom VJPs do not define.
+* ``onednn``: oneDNN for every float32 convolution and dense layer, or an error saying why
+  it is unavailable.
 
 The library is compiled on first use with the system C++ compiler (``$CXX`` or ``c++``)
 against oneDNN's headers and library (the ``onednn-devel-cpu-gomp`` / ``onednn-cpu-gomp``
@@ -45,13 +52,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["conv2d", "use_onednn", "unavailable_reason", "ENV_VAR"]
+__all__ = ["conv2d", "dense", "use_onednn", "unavailable_reason", "ENV_VAR"]
 
 ENV_VAR = "PROXY_JAX_CONV"
 _MODES = ("auto", "xla", "onednn")
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_conv.cc")
 _TARGETS = {"forward": "PjOnednnConvForward", "backward_data": "PjOnednnConvBackwardData",
-            "backward_weights": "PjOnednnConvBackwardWeights", "backward": "PjOnednnConvBackward"}
+            "backward_weights": "PjOnednnConvBackwardWeights", "backward": "PjOnednnConvBackward",
+            "matmul": "PjOnednnMatmul"}
 _FFI_NAMES = {k: "proxy_jax_onednn_conv_" + k for k in _TARGETS}
 
 
@@ -255,3 +263,68 @@ def _conv_backward(stride, padding, relu, saved, dy):
 
 
 _conv.defvjp(_conv_forward, _conv_backward, symbolic_zeros=True)
+
+
+# ------------------------------------------------------------------------ dense layers
+
+def _matmul(a: jax.Array, b: jax.Array, bias: Optional[jax.Array] = None, *,
+            trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """op(a) · op(b) (+ bias) by one oneDNN call, op = transpose where asked (read in place).
+
+    Args:
+      a: float32 [..., M, K], or [..., K, M] with trans_a; rank 2, or 3 with a batch axis.
+      b: float32 [..., K, N], or [..., N, K] with trans_b; the same rank and batch as a.
+      bias: float32 [N], added to every row, or None.
+
+    Returns:
+      float32 [..., M, N].
+    """
+    m = a.shape[-1] if trans_a else a.shape[-2]
+    n = b.shape[-2] if trans_b else b.shape[-1]
+    out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
+    operands = (a, b) if bias is None else (a, b, bias)
+    return jax.ffi.ffi_call(_FFI_NAMES["matmul"], out, vmap_method="sequential")(
+        *operands, trans_a=bool(trans_a), trans_b=bool(trans_b), bias=bias is not None)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+    """``x @ kernel + bias`` over the last axis of x, by oneDNN's matmul (forward and both
+    gradients), like :func:`conv2d` for convolutions; ``flax.linen.Dense`` semantics.
+
+    Args:
+      x: float32 [..., K].
+      kernel: float32 [K, N].
+      bias: float32 [N], or None.
+
+    Returns:
+      float32 [..., N].
+
+    Call :func:`use_onednn` first: this assumes the library is registered.
+    """
+    if kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+        raise ValueError(f"kernel {kernel.shape} does not fit input {x.shape}")
+    if bias is not None and bias.shape != (kernel.shape[1],):
+        raise ValueError(f"bias {bias.shape} does not fit {kernel.shape[1]} outputs")
+    y = _dense(x.reshape(-1, x.shape[-1]), kernel, bias)
+    return y.reshape(x.shape[:-1] + (kernel.shape[1],))
+
+
+@jax.custom_vjp
+def _dense(x, kernel, bias):
+    return _matmul(x, kernel, bias)
+
+
+def _dense_forward(x, kernel, bias):
+    return _dense(x, kernel, bias), (x, kernel, bias is not None)
+
+
+def _dense_backward(saved, dy):
+    x, kernel, has_bias = saved
+    dx = _matmul(dy, kernel, trans_b=True)
+    dkernel = _matmul(x, dy, trans_a=True)
+    return dx, dkernel, (jnp.sum(dy, axis=0) if has_bias else None)
+
+
+_dense.defvjp(_dense_forward, _dense_backward)
+
+

@@ -9,6 +9,10 @@ LayerNorm → MLP with exact-erf GELU → optional LayerScale → residual) and 
 LayerNorm. The classifier head is not part of the backbone: the output is every token
 after the final norm.
 
+The linear layers (qkv, proj, fc1, fc2) are :class:`proxy_jax.models.layers.Dense`, flax's
+Dense whose products are oneDNN matmuls on a one-device CPU (PROXY_JAX_CONV, see
+proxy_jax.models.onednn_conv).
+
 Parameter paths are timm's state_dict keys with '.' → '/' (``blocks.3.attn.qkv.weight`` →
 ``blocks/3/attn/qkv/kernel``; ``cls_token``, ``reg_token``, ``pos_embed`` and
 ``blocks.N.ls1.gamma`` keep their names), see proxy_jax.convert.
@@ -28,6 +32,8 @@ from typing import Any, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from proxy_jax.models import layers
 
 __all__ = ["VisionTransformer", "resample_pos_embed", "drop_path", "gelu"]
 
@@ -125,8 +131,7 @@ class _Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, c = x.shape
-        dense = partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=_trunc_normal)
+        dense = partial(layers.Dense, dtype=self.dtype, kernel_init=_trunc_normal)
         qkv = dense(3 * c, name="qkv")(x).reshape(b, t, 3, self.num_heads, c // self.num_heads)
         y = jax.lax.platform_dependent(qkv, cpu=_heads_first_attention,
                                        default=_library_attention)
@@ -154,8 +159,7 @@ class _Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=_trunc_normal)
+        dense = partial(layers.Dense, dtype=self.dtype, kernel_init=_trunc_normal)
         y = gelu(dense(self.hidden, name="fc1")(x))
         return dense(x.shape[-1], name="fc2")(y)
 

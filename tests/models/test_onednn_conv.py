@@ -247,3 +247,108 @@ def test_build_failure_reports_the_compiler_output(tmp_path):
         pytest.skip("no oneDNN on this platform")
     assert "compiling" in out.stdout and "fatal: no room" in out.stdout
     assert not any(cache.glob("*.so"))
+
+
+# ------------------------------------------------------------------------ dense layers
+
+@pytest.mark.parametrize("lead, k, n, with_bias", [
+    ((5,), 3, 4, True),  # rank 2
+    ((2, 7), 8, 5, True),  # rank 3: the tokens of a batch
+    ((3, 1), 6, 1, False),  # one output, no bias
+    ((9,), 1, 6, True),  # one input feature
+])
+def test_dense_forward_and_gradients_match_xla(library, lead, k, n, with_bias):
+    rng = np.random.default_rng(k * 10 + n)
+    x = rng.normal(size=lead + (k,)).astype(np.float32)
+    kernel = rng.normal(size=(k, n)).astype(np.float32)
+    bias = rng.normal(size=(n,)).astype(np.float32) if with_bias else None
+    cotangent = rng.normal(size=lead + (n,)).astype(np.float32)
+
+    def loss(dense, x, kernel, bias):  # a non-trivial cotangent through every output
+        return jnp.sum(dense(x, kernel, bias) * cotangent)
+
+    def xla_dense(x, kernel, bias):
+        return x @ kernel + (0 if bias is None else bias)
+
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    y = jax.jit(onednn_conv.dense)(x, kernel, bias)
+    assert y.shape == lead + (n,)
+    assert _relative_error(y, xla_dense(x, kernel, bias)) < 1e-5
+    got = jax.jit(jax.grad(lambda *a: loss(onednn_conv.dense, *a), argnums))(x, kernel, bias)
+    want = jax.grad(lambda *a: loss(xla_dense, *a), argnums)(x, kernel, bias)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and _relative_error(g, w) < 1e-5
+
+
+def test_dense_matches_torch_linear(library):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 10, 12)).astype(np.float32)
+    linear = torch.nn.Linear(12, 7)
+    tx = torch.from_numpy(x).requires_grad_()
+    ty = linear(tx)
+    (ty ** 2).sum().backward()
+    kernel = linear.weight.detach().numpy().T.copy()
+    bias = linear.bias.detach().numpy()
+    y, (dx, dw, db) = jax.value_and_grad(
+        lambda x, w, b: jnp.sum(onednn_conv.dense(x, w, b) ** 2), (0, 1, 2))(x, kernel, bias)
+    assert _relative_error(y, (ty ** 2).sum().item()) < 1e-5
+    assert _relative_error(dx, tx.grad.numpy()) < 1e-5
+    assert _relative_error(dw, linear.weight.grad.numpy().T) < 1e-5
+    assert _relative_error(db, linear.bias.grad.numpy()) < 1e-5
+
+
+def test_dense_shapes_are_named(library):
+    x = jnp.ones((2, 3, 4))
+    with pytest.raises(ValueError, match=r"kernel \(5, 6\) does not fit input \(2, 3, 4\)"):
+        onednn_conv.dense(x, jnp.ones((5, 6)))
+    with pytest.raises(ValueError, match=r"bias \(5,\) does not fit 6 outputs"):
+        onednn_conv.dense(x, jnp.ones((4, 6)), jnp.ones((5,)))
+
+
+def test_dense_layer_is_flax_dense_and_follows_the_mode(library, monkeypatch):
+    """layers.Dense has flax.linen.Dense's parameters and output; PROXY_JAX_CONV picks the
+    product as for convolutions (float32 only)."""
+    import flax.linen as nn
+
+    from proxy_jax.models.layers import Dense
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 6)), jnp.float32)
+    ours, flax_dense = Dense(3), nn.Dense(3)
+    variables = ours.init(jax.random.PRNGKey(0), x)
+    flax_variables = flax_dense.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(variables) == jax.tree.structure(flax_variables)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(flax_variables)):
+        np.testing.assert_array_equal(a, b)  # the same initialisation, draw for draw
+    apply = lambda v, x: ours.apply(v, x)  # noqa: E731
+    want = flax_dense.apply(flax_variables, x)
+    for mode, onednn in (("onednn", True), ("xla", False)):
+        monkeypatch.setenv(onednn_conv.ENV_VAR, mode)
+        assert _uses_onednn(apply, variables, x) == onednn
+        assert _relative_error(jax.jit(apply)(variables, x), want) < 1e-5
+    monkeypatch.setenv(onednn_conv.ENV_VAR, "onednn")
+    bf16 = Dense(3, dtype=jnp.bfloat16)
+    assert not _uses_onednn(lambda v, x: bf16.apply(v, x), variables, x)
+
+
+def test_vit_trains_the_same_with_onednn_dense_layers(library, monkeypatch):
+    """The tiny ViT: tokens and every parameter's gradient with oneDNN's dense layers (what
+    a one-device CPU run uses) equal XLA's."""
+    from proxy_jax.models import vit
+
+    model = vit.VisionTransformer(patch_size=4, width=16, depth=2, num_heads=2,
+                                  layer_scale=0.1)
+    images = jnp.asarray(np.random.default_rng(5).normal(size=(2, 12, 12, 3)), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), images)
+    loss = lambda v, x: jnp.sum(jnp.sin(model.apply(v, x)))  # noqa: E731
+    runs = {}
+    for mode in ("xla", "onednn"):
+        monkeypatch.setenv(onednn_conv.ENV_VAR, mode)
+        assert _uses_onednn(lambda v, x: model.apply(v, x), variables, images) == (
+            mode == "onednn")
+        runs[mode] = jax.jit(jax.value_and_grad(loss))(variables, images)
+    (y_xla, g_xla), (y, g) = runs["xla"], runs["onednn"]
+    assert _relative_error(y, y_xla) < 1e-5
+    for path, a, b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(g),
+                          jax.tree.leaves(g_xla)):
+        assert _relative_error(a, b) < 1e-4, jax.tree_util.keystr(path[0])

@@ -1,5 +1,6 @@
-// 2-D convolution on the CPU through oneDNN, exposed to XLA as four FFI handlers
-// (registered by proxy_jax/models/onednn_conv.py as proxy_jax_onednn_conv_<kind>).
+// 2-D convolution (four FFI handlers) and matrix products (one, PjOnednnMatmul, at the end:
+// dense layers and their gradients) on the CPU through oneDNN, exposed to XLA (registered by
+// proxy_jax/models/onednn_conv.py as proxy_jax_onednn_conv_<kind>).
 //
 // Layouts are JAX's: activations NHWC, weights HWIO, float32. Each handler takes the
 // stride and the explicit (top, bottom, left, right) zero padding as attributes; output
@@ -85,6 +86,14 @@ struct Plan {
 dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
+}
+
+// One oneDNN call at a time: each already uses every core through its OpenMP team, and
+// XLA's thread pool would otherwise start independent ones (parallel Inception branches,
+// a ViT's q/k/v products) together, oversubscribing the cores.
+std::mutex& Running() {
+  static std::mutex running;
+  return running;
 }
 
 memory::desc Plain(const memory::dims& dims, Tag tag) {
@@ -174,11 +183,7 @@ memory WeightsIn(const Plan& plan, void* hwio, dnnl::stream& stream) {
 // the bias [O] when g.bias() and the residual [N,OH,OW,O] when g.add().
 ffi::Error Execute(const Geometry& g, void* a, void* b, void* out, void* bias = nullptr,
                    void* residual = nullptr) {
-  // One convolution at a time: each already uses every core through its OpenMP team, and
-  // XLA's thread pool would otherwise start independent ones (parallel Inception branches)
-  // together, oversubscribing the cores.
-  static std::mutex running;
-  std::lock_guard<std::mutex> lock(running);
+  std::lock_guard<std::mutex> lock(Running());
   try {
     auto plan = GetPlan(g);
     dnnl::engine& engine = Engine();
@@ -274,7 +279,104 @@ ffi::Error Backward(F32Buffer x, F32Buffer w, F32Buffer dy, ffi::ResultBuffer<ff
   return Execute(g.As(kBackwardWeights), x.untyped_data(), dy.untyped_data(), dw->untyped_data());
 }
 
+// ---------------------------------------------------------------------------- matmul
+//
+//   PjOnednnMatmul (a, b [, bias [N]]) -> c [..., M, N]
+//
+// c = op(a) · op(b) (+ bias), op(a) = a [..., M, K] or, with trans_a, the transpose of
+// a [..., K, M]; likewise b [..., K, N] or [..., N, K] with trans_b. Rank 2, or rank 3 with
+// the same leading batch size on a, b and c. A transposed operand is read in place
+// through its strides (no copy); oneDNN's matmul picks the kernel (brgemm on AVX-512).
+
+// rank, batch, M, K, N, trans_a, trans_b, bias
+using MatmulKey = std::array<int64_t, 8>;
+
+memory::desc Strided(int64_t rank, int64_t batch, int64_t rows, int64_t cols, bool trans) {
+  // The logical [rows, cols] matrix of an array stored as [cols, rows] when trans.
+  memory::dims dims = {rows, cols}, strides = trans ? memory::dims{1, rows}
+                                                    : memory::dims{cols, 1};
+  if (rank == 3) {
+    dims.insert(dims.begin(), batch);
+    strides.insert(strides.begin(), rows * cols);
+  }
+  return memory::desc(dims, memory::data_type::f32, strides);
+}
+
+struct MatmulDescs {
+  memory::desc a, b, bias, c;
+};
+
+MatmulDescs Descs(const MatmulKey& k) {
+  const int64_t rank = k[0], batch = k[1], m = k[2], kk = k[3], n = k[4];
+  MatmulDescs d;
+  d.a = Strided(rank, batch, m, kk, k[5] != 0);
+  d.b = Strided(rank, batch, kk, n, k[6] != 0);
+  d.c = Strided(rank, batch, m, n, false);
+  if (k[7] != 0)
+    d.bias = rank == 3 ? Plain({1, 1, n}, Tag::abc) : Plain({1, n}, Tag::ab);
+  return d;
+}
+
+std::shared_ptr<dnnl::matmul> GetMatmul(const MatmulKey& key) {
+  static std::mutex mutex;
+  static std::map<MatmulKey, std::shared_ptr<dnnl::matmul>> plans;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = plans.find(key);
+  if (it != plans.end()) return it->second;
+  auto d = Descs(key);
+  auto pd = dnnl::matmul::primitive_desc(Engine(), d.a, d.b, d.bias, d.c);
+  return plans[key] = std::make_shared<dnnl::matmul>(pd);
+}
+
+ffi::Error Matmul(F32Buffer a, F32Buffer b, ffi::RemainingArgs rest,
+                  ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b, bool bias) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  const int64_t rank = static_cast<int64_t>(cd.size());
+  if ((rank != 2 && rank != 3) || ad.size() != cd.size() || bd.size() != cd.size())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "onednn matmul: operands must all have rank 2 or all rank 3");
+  if (rest.size() != static_cast<size_t>(bias))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "onednn matmul: a bias operand exactly when the attribute bias is set");
+  const int64_t batch = rank == 3 ? cd[0] : 1, m = cd[rank - 2], n = cd[rank - 1];
+  const int64_t k = trans_a ? ad[rank - 2] : ad[rank - 1];
+  MatmulKey key = {rank, batch, m, k, n, trans_a, trans_b, bias};
+  std::lock_guard<std::mutex> lock(Running());
+  try {
+    auto matmul = GetMatmul(key);
+    auto d = Descs(key);
+    dnnl::engine& engine = Engine();
+    dnnl::stream stream(engine);
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, memory(d.a, engine, a.untyped_data())},
+        {DNNL_ARG_WEIGHTS, memory(d.b, engine, b.untyped_data())},
+        {DNNL_ARG_DST, memory(d.c, engine, c->untyped_data())}};
+    if (bias) {
+      auto operand = rest.get<F32Buffer>(0);
+      if (operand.has_error()) return operand.error();
+      args[DNNL_ARG_BIAS] = memory(d.bias, engine, operand->untyped_data());
+    }
+    matmul->execute(stream, args);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("onednn matmul: ") + e.what() + " (status " +
+                          std::to_string(static_cast<int>(e.status)) + ")");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjOnednnMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32Buffer>()
+                                  .Arg<F32Buffer>()
+                                  .RemainingArgs()
+                                  .Ret<F32Buffer>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b")
+                                  .Attr<bool>("bias"));
 
 #define PJ_CONV_ATTRIBUTES(binding)                                                          \
   binding.Attr<int64_t>("stride_h")                                                          \
