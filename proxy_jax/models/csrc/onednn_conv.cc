@@ -96,6 +96,13 @@ std::mutex& Running() {
   return running;
 }
 
+// A oneDNN exception as XLA's error, naming the operation and oneDNN's status.
+ffi::Error Failure(const char* operation, const dnnl::error& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("onednn ") + operation + ": " + e.what() + " (status " +
+                        std::to_string(static_cast<int>(e.status)) + ")");
+}
+
 memory::desc Plain(const memory::dims& dims, Tag tag) {
   return memory::desc(dims, memory::data_type::f32, tag);
 }
@@ -220,9 +227,7 @@ ffi::Error Execute(const Geometry& g, void* a, void* b, void* out, void* bias = 
     }
     stream.wait();
   } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("onednn conv: ") + e.what() + " (status " +
-                          std::to_string(static_cast<int>(e.status)) + ")");
+    return Failure("conv", e);
   }
   return ffi::Error::Success();
 }
@@ -359,9 +364,7 @@ ffi::Error Matmul(F32Buffer a, F32Buffer b, ffi::RemainingArgs rest,
     matmul->execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("onednn matmul: ") + e.what() + " (status " +
-                          std::to_string(static_cast<int>(e.status)) + ")");
+    return Failure("matmul", e);
   }
   return ffi::Error::Success();
 }
