@@ -101,11 +101,17 @@ flags.DEFINE_bool("keep_freed_memory", True, "glibc malloc keeps freed memory fo
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax:
-    """Drops orbax's per-save INFO lines (dozens per checkpoint); warnings pass."""
+class _QuietLibraries:
+    """Drops the INFO lines of orbax (dozens per checkpoint), of JAX's backend probe
+    ("Unable to initialize backend 'tpu'" on every machine without one, printed before a
+    one-line error too) and of faiss's loader (one per instruction set its wheel was not
+    built for); their warnings pass."""
+
+    _SOURCES = ("/orbax/", "/jax/_src/xla_bridge.py", "/faiss/loader.py")
 
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+        return (record.levelno >= std_logging.WARNING
+                or not any(s in record.pathname for s in self._SOURCES))
 
 
 def main(argv):
@@ -113,7 +119,7 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; flags are written --name=value")
     if FLAGS.mode == "embed" and not FLAGS.embed_folder:
         _fail("--mode=embed needs --embed_folder=FOLDER (the images to embed)")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if FLAGS.keep_freed_memory:  # before JAX starts its threads
         from proxy_jax import malloc
         malloc.keep_freed_memory()

@@ -5,20 +5,27 @@ before it) and ``checkpoints/best/<step>/`` (the highest Recall@1 so far). Each 
 state pytree plus a JSON record (loader position, best Recall@1, metrics, config, the shape
 of every array and a checksum of every array's bytes).
 
-Restoring verifies what it reads: the record must parse, the arrays must load, and their
-bytes must give the checksum the save wrote. A checkpoint that fails is *damaged*: it is
+Restoring verifies what it reads: every file of the save must have the size and crc32 that
+the save listed in ``<step>/FILES.json`` (checked before orbax opens anything, so a truncated
+or altered file costs no library traceback), the record must parse, the arrays must load,
+and their bytes must give the checksum the save wrote. A checkpoint that fails is *damaged*: it is
 moved to ``checkpoints/damaged/`` (kept for inspection, never deleted), a warning names it,
 and the newest intact checkpoint is used instead. Only when none is intact does restoring
 fail, with one line naming the folder. A checkpoint that loads but does not fit the model
 (``check`` raises) is not damaged: that error is raised as it is and nothing is moved.
 
-Checkpoints written before checksums existed restore without that check.
+Checkpoints written before checksums (or file lists) existed restore without that check.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import gc
+import json
+import logging as std_logging
 import os
+import sys
 import zlib
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -66,6 +73,57 @@ def _host_leaves(tree) -> list[tuple[str, np.ndarray]]:
             leaf = leaf.addressable_data(0)  # replicated: every process holds all of it
         leaves.append((jax.tree_util.keystr(path), np.asarray(jax.device_get(leaf))))
     return leaves
+
+
+FILES = "FILES.json"  # in each step folder: {relative path: [size, crc32]} of the save
+
+
+def _file_list(folder: str) -> dict:
+    """{path relative to folder: [size in bytes, crc32 as 8 hex digits]} of every file below
+    ``folder`` except the list itself."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative == FILES:
+                continue
+            crc = 0
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    crc = zlib.crc32(block, crc)
+            files[relative] = [os.path.getsize(path), f"{crc:08x}"]
+    return files
+
+
+def _write_file_list(folder: str) -> None:
+    files, tmp = _file_list(folder), os.path.join(folder, FILES + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(files, f, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, FILES))
+
+
+def _file_problem(folder: str) -> Optional[str]:
+    """Why the files of the save in ``folder`` are not what it wrote, or None (also when the
+    save has no file list: written by an older version)."""
+    try:
+        with open(os.path.join(folder, FILES)) as f:
+            want = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        return f"its file list {FILES} is unreadable ({_one_line(error)})"
+    for relative, (size, crc) in sorted(want.items()):
+        path = os.path.join(folder, relative)
+        if not os.path.isfile(path):
+            return f"{relative} is missing"
+        if os.path.getsize(path) != size:
+            return f"{relative} has {os.path.getsize(path)} bytes, the save wrote {size}"
+    have = _file_list(folder)
+    for relative, (size, crc) in sorted(want.items()):
+        if have[relative][1] != crc:
+            return f"{relative} has crc32 {have[relative][1]}, the save wrote {crc}"
+    return None
 
 
 def checksum(state) -> str:
@@ -122,8 +180,34 @@ def loader_state_from_json(value) -> Any:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    """``Type: message`` on one line, without tensorstore's dump of its spec."""
+    text = " ".join(str(error).split()).split(" See full TensorStore details")[0]
     return f"{type(error).__name__}: {text[:300]}"
+
+
+@contextlib.contextmanager
+def _abandoned_reads_dropped():
+    """orbax reads a checkpoint's arrays in concurrent asyncio tasks; when one fails on a
+    damaged file, the errors of the others are never retrieved, and when those tasks are
+    collected Python prints each as a traceback (asyncio's "Task exception was never
+    retrieved", or "Exception ignored in <coroutine>"): 40 lines per array. Inside this
+    block (one restore attempt, whose tasks are collected at its end) they are dropped; the
+    first error is the one reported."""
+
+    class _Drop(std_logging.Filter):
+        def filter(self, record):
+            return False
+
+    previous, drop = sys.unraisablehook, _Drop()
+    asyncio_logger = std_logging.getLogger("asyncio")
+    sys.unraisablehook = lambda unraisable: None
+    asyncio_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        gc.collect()
+        asyncio_logger.removeFilter(drop)
+        sys.unraisablehook = previous
 
 
 class Checkpointer:
@@ -174,6 +258,9 @@ class Checkpointer:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    record=ocp.args.JsonSave(record)))
         manager.wait_until_finished()
+        if jax.process_index() == 0:  # after every process has written its part
+            _write_file_list(os.path.join(self.directory, "best" if best else "latest",
+                                          str(step)))
 
     def _candidates(self, prefer_best: bool) -> list[tuple[str, int]]:
         latest = [("latest", s) for s in self.latest.all_steps()]
@@ -220,16 +307,24 @@ class Checkpointer:
         candidates = self._candidates(prefer_best)
         for kind, step in candidates:
             path = os.path.join(self.directory, kind, str(step))
+            problem = _file_problem(path)
+            if problem is not None:
+                damaged.append((kind, step, path, problem))
+                continue
             try:
                 record = self._read_record(kind, step)
             except Exception as error:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
                 damaged.append((kind, step, path, _one_line(error)))
                 continue
             read_into, convert = (target, None) if layout is None else layout(record)
-            try:
-                state = self._read_state(kind, step, read_into, record)
-            except Exception as error:  # noqa: BLE001
-                damaged.append((kind, step, path, _one_line(error)))
+            failure = None
+            with _abandoned_reads_dropped():
+                try:
+                    state = self._read_state(kind, step, read_into, record)
+                except Exception as error:  # noqa: BLE001
+                    failure = _one_line(error)
+            if failure is not None:
+                damaged.append((kind, step, path, failure))
                 continue
             if convert is not None:
                 state = convert(state)

@@ -56,10 +56,13 @@ def _damage(step_dir, kind):
         path = os.path.join(step_dir, "state", "_METADATA")
     elif kind == "record":
         path = os.path.join(step_dir, "record", "metadata")
-    else:  # 'bits': same size, other bytes; only the checksum can tell
+    else:  # 'bits': same size, other bytes; the file list's crc32 tells (or, for
+        # 'bits_unlisted', a save without a file list, only the arrays' checksum can)
         path = _largest_file(os.path.join(step_dir, "state", "ocdbt.process_0", "d"))
+        if kind == "bits_unlisted":
+            os.remove(os.path.join(step_dir, checkpoints.FILES))
     assert os.path.isfile(path), path
-    if kind == "bits":
+    if kind.startswith("bits"):
         with open(path, "r+b") as f:
             data = bytearray(f.read())
             # Flip the low bits of float32 mantissas in the middle of the file (raw, no
@@ -75,18 +78,25 @@ def _damage(step_dir, kind):
     return path
 
 
-@pytest.mark.parametrize("kind", ["data", "metadata", "record", "bits"])
-def test_damaged_newest_checkpoint_resumes_from_the_previous(runs, tmp_path, kind, caplog):
+@pytest.mark.parametrize("kind", ["data", "metadata", "record", "bits", "bits_unlisted"])
+def test_damaged_newest_checkpoint_resumes_from_the_previous(runs, tmp_path, kind, caplog,
+                                                             capfd):
     config, straight, stopped = runs
     workdir = str(tmp_path / "run")
     shutil.copytree(stopped, workdir)
     newest = os.path.join(workdir, "checkpoints", "latest", "4")
-    _damage(newest, kind)
+    damaged_file = os.path.relpath(_damage(newest, kind), newest)
+    capfd.readouterr()
     with caplog.at_level("WARNING"):
         resumed = train.train_and_evaluate(config, workdir)
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
     assert len(warnings) == 1 and newest in warnings[0], warnings
     assert "checkpoints/latest/3" in warnings[0]  # and names the one used
+    assert "\n" not in warnings[0]
+    if kind != "bits_unlisted":  # the file list names the file
+        assert damaged_file in warnings[0], warnings[0]
+    # No library traceback (orbax's abandoned reads) on the way.
+    assert "Traceback" not in capfd.readouterr().err
     # The damaged one is kept for inspection, not deleted.
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged", "latest_4"))
     assert resumed["step"] == straight["step"] == 6
@@ -138,12 +148,28 @@ def test_checksum_sees_every_array():
     assert checkpoints.checksum(reshaped) != base
 
 
+def test_every_file_of_a_save_is_listed(runs):
+    _, _, stopped = runs
+    for kind in ("latest", "best"):
+        for step in os.listdir(os.path.join(stopped, "checkpoints", kind)):
+            folder = os.path.join(stopped, "checkpoints", kind, step)
+            with open(os.path.join(folder, checkpoints.FILES)) as f:
+                listed = json.load(f)
+            on_disk = {os.path.relpath(os.path.join(d, n), folder)
+                       for d, _, names in os.walk(folder) for n in names} - {checkpoints.FILES}
+            assert set(listed) == on_disk and len(on_disk) > 3
+            for relative, (size, _) in listed.items():
+                assert os.path.getsize(os.path.join(folder, relative)) == size
+
+
 def test_old_checkpoints_without_a_checksum_still_restore(runs, tmp_path):
-    """A checkpoint written before checksums existed (no 'checksum' in its record)."""
+    """A checkpoint written before checksums and file lists existed (no 'checksum' in its
+    record, no FILES.json)."""
     config, straight, stopped = runs
     workdir = str(tmp_path / "run")
     shutil.copytree(stopped, workdir)
     for step in ("3", "4"):
+        os.remove(os.path.join(workdir, "checkpoints", "latest", step, checkpoints.FILES))
         path = os.path.join(workdir, "checkpoints", "latest", step, "record", "metadata")
         with open(path) as f:
             record = json.load(f)
