@@ -393,6 +393,9 @@ def _release_shared_memory():
     ``__del__`` no longer works then) and multiprocessing's resource tracker warns of
     "leaked shared_memory objects". Collecting here frees them while everything works;
     grain unlinks in a one-thread pool, so waiting for a no-op task waits for the unlinks.
+    A pipeline closed mid-stream (the endless training loader, at the end of a run) drops
+    the batches still in its buffer, whose unlinks also go to that pool: without the wait,
+    an exit right after could beat them (seen once in 8 runs of main.py).
     """
     gc.collect()
     from grain._src.python.ipc import shared_memory_array
@@ -485,9 +488,9 @@ class Loader:
             self._holder[0].get_state()
             with _sigint_blocked():
                 self._holder[0].start_prefetch()
-            # A worker whose data ends leaves its last batch's shared memory to the garbage
-            # collector (see _release_shared_memory); one closed mid-stream does not.
-            self._holder[2] = self.total_steps is not None
+            # Closing waits for the batches' shared memory to be unlinked, whether the data
+            # ended or not (see _release_shared_memory).
+            self._holder[2] = True
         # At exit, close before multiprocessing's own exit hook terminates the workers
         # mid-batch (leaking their shared memory): atexit runs hooks last-in first-out,
         # and this one is registered after grain imported multiprocessing.
