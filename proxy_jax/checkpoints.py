@@ -78,6 +78,15 @@ def _host_leaves(tree) -> list[tuple[str, np.ndarray]]:
 FILES = "FILES.json"  # in each step folder: {relative path: [size, crc32]} of the save
 
 
+def _crc32(path: str) -> str:
+    """crc32 of a file's bytes, as 8 hex digits."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
 def _file_list(folder: str) -> dict:
     """{path relative to folder: [size in bytes, crc32 as 8 hex digits]} of every file below
     ``folder`` except the list itself."""
@@ -86,13 +95,8 @@ def _file_list(folder: str) -> dict:
         for name in names:
             path = os.path.join(root, name)
             relative = os.path.relpath(path, folder)
-            if relative == FILES:
-                continue
-            crc = 0
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    crc = zlib.crc32(block, crc)
-            files[relative] = [os.path.getsize(path), f"{crc:08x}"]
+            if relative != FILES:
+                files[relative] = [os.path.getsize(path), _crc32(path)]
     return files
 
 
@@ -119,10 +123,9 @@ def _file_problem(folder: str) -> Optional[str]:
             return f"{relative} is missing"
         if os.path.getsize(path) != size:
             return f"{relative} has {os.path.getsize(path)} bytes, the save wrote {size}"
-    have = _file_list(folder)
-    for relative, (size, crc) in sorted(want.items()):
-        if have[relative][1] != crc:
-            return f"{relative} has crc32 {have[relative][1]}, the save wrote {crc}"
+        have = _crc32(path)
+        if have != crc:
+            return f"{relative} has crc32 {have}, the save wrote {crc}"
     return None
 
 

@@ -272,16 +272,16 @@ def _matmul(a: jax.Array, b: jax.Array, bias: Optional[jax.Array] = None, *,
     """op(a) · op(b) (+ bias) by one oneDNN call, op = transpose where asked (read in place).
 
     Args:
-      a: float32 [..., M, K], or [..., K, M] with trans_a; rank 2, or 3 with a batch axis.
-      b: float32 [..., K, N], or [..., N, K] with trans_b; the same rank and batch as a.
+      a: float32 [M, K], or [K, M] with trans_a.
+      b: float32 [K, N], or [N, K] with trans_b.
       bias: float32 [N], added to every row, or None.
 
     Returns:
-      float32 [..., M, N].
+      float32 [M, N].
     """
-    m = a.shape[-1] if trans_a else a.shape[-2]
-    n = b.shape[-2] if trans_b else b.shape[-1]
-    out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
     operands = (a, b) if bias is None else (a, b, bias)
     return jax.ffi.ffi_call(_FFI_NAMES["matmul"], out, vmap_method="sequential")(
         *operands, trans_a=bool(trans_a), trans_b=bool(trans_b), bias=bias is not None)

@@ -286,25 +286,19 @@ ffi::Error Backward(F32Buffer x, F32Buffer w, F32Buffer dy, ffi::ResultBuffer<ff
 
 // ---------------------------------------------------------------------------- matmul
 //
-//   PjOnednnMatmul (a, b [, bias [N]]) -> c [..., M, N]
+//   PjOnednnMatmul (a, b [, bias [N]]) -> c [M, N]
 //
-// c = op(a) · op(b) (+ bias), op(a) = a [..., M, K] or, with trans_a, the transpose of
-// a [..., K, M]; likewise b [..., K, N] or [..., N, K] with trans_b. Rank 2, or rank 3 with
-// the same leading batch size on a, b and c. A transposed operand is read in place
-// through its strides (no copy); oneDNN's matmul picks the kernel (brgemm on AVX-512).
+// c = op(a) · op(b) (+ bias), op(a) = a [M, K] or, with trans_a, the transpose of a [K, M];
+// likewise b [K, N] or [N, K] with trans_b. A transposed operand is read in place through
+// its strides (no copy); oneDNN's matmul picks the kernel (brgemm on AVX-512).
 
-// rank, batch, M, K, N, trans_a, trans_b, bias
-using MatmulKey = std::array<int64_t, 8>;
+// M, K, N, trans_a, trans_b, bias
+using MatmulKey = std::array<int64_t, 6>;
 
-memory::desc Strided(int64_t rank, int64_t batch, int64_t rows, int64_t cols, bool trans) {
+memory::desc Strided(int64_t rows, int64_t cols, bool trans) {
   // The logical [rows, cols] matrix of an array stored as [cols, rows] when trans.
-  memory::dims dims = {rows, cols}, strides = trans ? memory::dims{1, rows}
-                                                    : memory::dims{cols, 1};
-  if (rank == 3) {
-    dims.insert(dims.begin(), batch);
-    strides.insert(strides.begin(), rows * cols);
-  }
-  return memory::desc(dims, memory::data_type::f32, strides);
+  return memory::desc({rows, cols}, memory::data_type::f32,
+                      trans ? memory::dims{1, rows} : memory::dims{cols, 1});
 }
 
 struct MatmulDescs {
@@ -312,13 +306,12 @@ struct MatmulDescs {
 };
 
 MatmulDescs Descs(const MatmulKey& k) {
-  const int64_t rank = k[0], batch = k[1], m = k[2], kk = k[3], n = k[4];
+  const int64_t m = k[0], kk = k[1], n = k[2];
   MatmulDescs d;
-  d.a = Strided(rank, batch, m, kk, k[5] != 0);
-  d.b = Strided(rank, batch, kk, n, k[6] != 0);
-  d.c = Strided(rank, batch, m, n, false);
-  if (k[7] != 0)
-    d.bias = rank == 3 ? Plain({1, 1, n}, Tag::abc) : Plain({1, n}, Tag::ab);
+  d.a = Strided(m, kk, k[3] != 0);
+  d.b = Strided(kk, n, k[4] != 0);
+  d.c = Strided(m, n, false);
+  if (k[5] != 0) d.bias = Plain({1, n}, Tag::ab);
   return d;
 }
 
@@ -336,16 +329,14 @@ std::shared_ptr<dnnl::matmul> GetMatmul(const MatmulKey& key) {
 ffi::Error Matmul(F32Buffer a, F32Buffer b, ffi::RemainingArgs rest,
                   ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b, bool bias) {
   auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  const int64_t rank = static_cast<int64_t>(cd.size());
-  if ((rank != 2 && rank != 3) || ad.size() != cd.size() || bd.size() != cd.size())
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "onednn matmul: operands must all have rank 2 or all rank 3");
+                      "onednn matmul: every operand must have rank 2");
   if (rest.size() != static_cast<size_t>(bias))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "onednn matmul: a bias operand exactly when the attribute bias is set");
-  const int64_t batch = rank == 3 ? cd[0] : 1, m = cd[rank - 2], n = cd[rank - 1];
-  const int64_t k = trans_a ? ad[rank - 2] : ad[rank - 1];
-  MatmulKey key = {rank, batch, m, k, n, trans_a, trans_b, bias};
+  const int64_t m = cd[0], n = cd[1], k = trans_a ? ad[0] : ad[1];
+  MatmulKey key = {m, k, n, trans_a, trans_b, bias};
   std::lock_guard<std::mutex> lock(Running());
   try {
     auto matmul = GetMatmul(key);
